@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny params for fast stage runs, and a prepared project folder."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny but real: every stage runs its real code path in seconds on 2 CPU cores.
+TINY_PARAMS = {
+    "prepare": {"seed": 0, "resolution": 16, "variants_per_image": 2, "max_images": 200,
+                "styles": ["plain", "bold", "thin", "italic"], "colors": ["red", "green", "blue"],
+                "split": {"validation": 0.15, "test": 0.15}},
+    "evaluator": {"seed": 0, "epochs": 3, "batch_size": 64, "width": 8, "feature_dim": 16},
+    "teacher": {
+        "seed": 0,
+        "vae": {"channels": [8, 16], "steps": 10, "batch_size": 16},
+        "unet": {"channels": [16, 32], "attention_head_dim": 4, "norm_num_groups": 8},
+        "train": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
+        "sample": {"steps": 4, "eval_images": 16, "batch_size": 16},
+    },
+}
+
+
+def tiny_params() -> dict:
+    return copy.deepcopy(TINY_PARAMS)
+
+
+def write_params(root: Path, params: dict) -> Path:
+    path = Path(root) / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    # Nothing may reach a hub: the embedded default runs from what pip installed.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory) -> Path:
+    """A project folder with tiny prepare and evaluator outputs, shared read-only by stage tests."""
+    from condenser.config import parse_params
+    from condenser.io import StagePaths
+    from tasks import evaluator, prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    params = parse_params(tiny_params())
+    paths = StagePaths(root)
+    prepare.run(params.prepare, paths)
+    evaluator.run(params.evaluator, paths)
+    return root
