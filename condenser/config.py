@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -59,8 +59,10 @@ class EvaluatorParams(Section):
 
 
 class VaeParams(Section):
-    channels: list[int] = [32, 64]
+    channels: list[int] = Field([32, 64], min_length=1)
     latent_channels: int = Field(4, ge=1)
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
     steps: int = Field(600, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -68,22 +70,37 @@ class VaeParams(Section):
 
 
 class UnetParams(Section):
-    channels: list[int] = [64, 128]
+    channels: list[int] = Field([64, 128], min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(16, ge=1)
+    # Also feed an attention-pooled caption into the time embedding (diffusers' addition_embed_type
+    # "text"): every block then sees the caption, not only the cross-attention layers.
+    text_time_embedding: bool = True
 
 
 class TrainParams(Section):
     steps: int = Field(1500, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # Min-SNR loss weighting (Hang et al. 2023); None weighs every timestep alike.
+    snr_gamma: float | None = Field(5.0, gt=0)
     num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> TrainParams:
+        if self.steps and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}); "
+                             "lower it")
+        return self
 
 
 class SampleParams(Section):
@@ -97,7 +114,7 @@ class TeacherParams(Section):
     seed: int = 0
     # A local Stable-Diffusion-format folder; None trains the embedded default from scratch.
     checkpoint: str | None = None
-    # With a checkpoint: fine-tune it on the prepared data, or pass it through unchanged.
+    # With a checkpoint: fine-tune its UNet on the prepared data, or pass it through unchanged.
     mode: Literal["train", "finetune", "passthrough"] = "train"
     # A local Hugging Face text encoder folder; None uses the packaged all-MiniLM-L6-v2.
     text_encoder: str | None = None
@@ -115,6 +132,9 @@ class TeacherParams(Section):
         if self.checkpoint is not None and self.mode == "train":
             raise ValueError("teacher.checkpoint is set but teacher.mode is 'train': use 'finetune' or "
                              "'passthrough' with a checkpoint, or remove teacher.checkpoint")
+        if self.checkpoint is not None and self.text_encoder is not None:
+            raise ValueError("teacher.text_encoder is set together with teacher.checkpoint: a checkpoint "
+                             "brings its own text encoder; remove teacher.text_encoder")
         return self
 
 

@@ -16,7 +16,7 @@ TINY_PARAMS = {
     "prepare": {"seed": 0, "resolution": 16, "variants_per_image": 2, "max_images": 200,
                 "styles": ["plain", "bold", "thin", "italic"], "colors": ["red", "green", "blue"],
                 "split": {"validation": 0.15, "test": 0.15}},
-    "evaluator": {"seed": 0, "epochs": 3, "batch_size": 64, "width": 8, "feature_dim": 16},
+    "evaluator": {"seed": 0, "epochs": 30, "batch_size": 32, "lr": 0.005, "width": 16, "feature_dim": 16},
     "teacher": {
         "seed": 0,
         "vae": {"channels": [8, 16], "steps": 10, "batch_size": 16},

@@ -1,0 +1,112 @@
+"""Smoke runs of the prepare and evaluator stages into a temp root, and their failure modes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from condenser.config import parse_params
+from condenser.data import DataError, load_split
+from condenser.io import StagePaths, md5_path
+from tasks import evaluator, prepare
+from tests.conftest import ROOT, tiny_params, write_params
+
+
+def test_prepare_outputs_and_manifest(prepared_root: Path):
+    out = prepared_root / "data" / "prepare"
+    for name in ("train", "validation", "test"):
+        assert (out / f"{name}.safetensors").is_file() and (out / f"{name}.csv").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "prepare" and manifest["seed"] == 0
+    assert manifest["params"]["max_images"] == 200 and "torch" in manifest["libraries"]
+    expectations = json.loads((out / "expectations.json").read_text())
+    assert expectations["success"] and expectations["evaluated"] >= 10
+    metrics = json.loads((prepared_root / "metrics" / "prepare.json").read_text())
+    assert sum(metrics["images"].values()) == 400
+    assert (prepared_root / "plots" / "prepare" / "samples.png").is_file()
+    train = load_split(out, "train")
+    assert set(train.digit.tolist()) == set(range(10)) and set(train.style.tolist()) == {0, 1, 2, 3}
+
+
+def test_prepare_is_deterministic(prepared_root: Path, tmp_path: Path):
+    prepare.run(parse_params(tiny_params()).prepare, StagePaths(tmp_path))
+    for name in ("train.safetensors", "train.csv", "test.csv", "meta.json"):
+        assert md5_path(tmp_path / "data" / "prepare" / name) == md5_path(prepared_root / "data" / "prepare" / name)
+
+
+def test_evaluator_outputs(prepared_root: Path):
+    out = prepared_root / "data" / "evaluator"
+    assert (out / "judge.safetensors").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "data/prepare" in manifest["inputs"]
+    metrics = json.loads((prepared_root / "metrics" / "evaluator.json").read_text())
+    assert set(metrics["test_accuracy"]) == {"digit", "style", "color"}
+    assert metrics["fd_validation_vs_test"] >= 0
+
+
+def _user_folder_params(folder: Path) -> dict:
+    raw = tiny_params()
+    raw["prepare"].update(source="folder", folder=str(folder), styles=["plain"], colors=["red"])
+    return raw
+
+
+def _write_user_folder(folder: Path, n: int = 30) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["file,caption,digit,style,color"]
+    for i in range(n):
+        Image.fromarray(rng.integers(1, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        rows.append(f"img{i}.png,a plain red handwritten {i % 10},{i % 10},plain,red")
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_prepare_user_folder(tmp_path: Path):
+    _write_user_folder(tmp_path / "mine")
+    params = parse_params(_user_folder_params(tmp_path / "mine"))
+    metrics = prepare.run(params.prepare, StagePaths(tmp_path))
+    assert sum(metrics["images"].values()) == 30
+    manifest = json.loads((tmp_path / "data" / "prepare" / "manifest.json").read_text())
+    assert "mine" in manifest["inputs"]  # recorded relative to the project root
+
+
+def test_nan_in_user_data_fails_naming_file_and_leaves_no_output(tmp_path: Path):
+    _write_user_folder(tmp_path / "mine")
+    bad = np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)
+    bad[3, 4, 1] = np.nan
+    np.save(tmp_path / "mine" / "bad.npy", bad)
+    with open(tmp_path / "mine" / "captions.csv", "a") as f:
+        f.write("bad.npy,a plain red handwritten one,1,plain,red\n")
+    params = parse_params(_user_folder_params(tmp_path / "mine"))
+    with pytest.raises(DataError) as err:
+        prepare.run(params.prepare, StagePaths(tmp_path))
+    assert "expect_column_values_to_be_between" in str(err.value) and "nan_count" in str(err.value)
+    assert "bad.npy" in str(err.value)
+    assert not (tmp_path / "data" / "prepare").exists()
+    assert not list((tmp_path / "data").glob(".prepare*"))
+
+
+def test_stage_command_exits_nonzero_with_clear_message(tmp_path: Path):
+    """As DVC runs it: `python -m tasks.prepare` in the root, on a corrupt user image."""
+    _write_user_folder(tmp_path / "mine")
+    (tmp_path / "mine" / "img7.png").write_bytes(b"\x89PNG broken")
+    write_params(tmp_path, _user_folder_params(tmp_path / "mine"))
+    proc = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1
+    assert "prepare failed" in proc.stderr and "img7.png" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluator_without_labels_is_refused(tmp_path: Path):
+    folder = tmp_path / "mine"
+    _write_user_folder(folder)
+    text = (folder / "captions.csv").read_text().splitlines()
+    (folder / "captions.csv").write_text("\n".join(["file,caption"] + [",".join(r.split(",")[:2]) for r in text[1:]]) + "\n")
+    params = parse_params(_user_folder_params(folder))
+    prepare.run(params.prepare, StagePaths(tmp_path))
+    with pytest.raises(Exception, match="captions.csv of prepare.folder"):
+        evaluator.run(params.evaluator, StagePaths(tmp_path))
