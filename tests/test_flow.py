@@ -1,0 +1,168 @@
+"""The Prefect flow on a real git + DVC repo under a real (temporary) Prefect server.
+
+One server for the whole story, since starting it costs far more than a tiny flow run: a cold run
+executes every stage (prepare, evaluator, teacher) and publishes lineage; a rerun executes none; a
+changed evaluator param reruns the evaluator and the teacher, not prepare; a bad prepare param fails
+the flow with the stage's own error, and nothing downstream runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+from conftest import tiny_params
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
+from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.events.worker import EventsWorker
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from bench.pipeline import dvc, scratch_project, stage_env
+from flows.pipeline import asset_key, condenser_pipeline
+
+MATERIALIZED = "prefect.asset.materialization.succeeded"
+
+
+def flow_run_filter(flow_run_id) -> dict:
+    return {"flow_run_filter": FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))}
+
+
+async def artifacts_of(flow_run_id) -> dict:
+    async with get_client() as client:
+        # This client sends unset filters, limit and sort as null, which the server rejects.
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(), task_run_filter=TaskRunFilter(),
+                                            limit=50, sort=ArtifactSort.KEY_ASC,
+                                            **flow_run_filter(flow_run_id))
+    return {a.key: a.data for a in found}
+
+
+async def task_states(flow_run_id) -> dict[str, str]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(limit=50, sort=TaskRunSort.NAME_ASC,
+                                           **flow_run_filter(flow_run_id))
+    # Prefect names a task run after its task plus a short suffix: "evaluator-4f2".
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def materializations(expected: int, timeout_s: float = 30) -> list:
+    """Asset materialization events, once the server has stored `expected` of them (it batches writes)."""
+    EventsWorker.drain_all()
+
+    async def poll():
+        deadline = time.monotonic() + timeout_s
+        async with get_client() as client:
+            while True:
+                page = await client.read_events(EventFilter(event=EventNameFilter(name=[MATERIALIZED])),
+                                                limit=50)
+                if len(page.events) >= expected or time.monotonic() > deadline:
+                    return page.events
+                await asyncio.sleep(1)
+
+    return asyncio.run(poll())
+
+
+def run_flow(root, targets):
+    state = condenser_pipeline(root=str(root), targets=targets, return_state=True)
+    return state, state.state_details.flow_run_id
+
+
+def set_param(root, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc_status(root, *targets) -> str:
+    return subprocess.run([*dvc(), "status", *targets], cwd=root, env=stage_env(), capture_output=True,
+                          text=True, check=True).stdout
+
+
+def lock_md5(root, stage: str, out: str) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return next(o["md5"] for o in lock[stage]["outs"] if o["path"] == out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
+    # One thread per stage: on 2 shared cores, more threads stall each other.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # Offline, the server's telemetry only fails, and holds its database lock while doing so.
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    params = tiny_params()
+    params["evaluator"]["epochs"] = 1
+    root = scratch_project(tmp_path / "project", params)
+    targets = ["teacher"]
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), \
+            prefect_test_harness(server_startup_timeout=180):
+        # 1. Cold: every stage executes, upstream first.
+        state, first_run = run_flow(root, targets)
+        assert state.is_completed(), state.message
+        summary = state.result()
+        assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
+            ("prepare", "executed"), ("evaluator", "executed"), ("teacher", "executed")]
+        lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+        for stage in summary["stages"]:
+            assert stage["outputs"] == {o["path"]: o["md5"] for o in lock[stage["stage"]]["outs"]}
+            assert all((root / p).exists() for p in stage["outputs"])
+        assert "Data and pipelines are up to date" in dvc_status(root, *targets)
+        evaluator = summary["stages"][1]
+        assert set(evaluator["metrics"]) >= {"test_accuracy.digit", "fd_validation_vs_test"}
+
+        artifacts = asyncio.run(artifacts_of(first_run))
+        assert set(artifacts) == {f"{stage}-{kind}" for stage in ("prepare", "evaluator", "teacher")
+                                  for kind in ("lineage", "metrics")} | {"prepare-expectations"}
+        lineage_rows = json.loads(artifacts["evaluator-lineage"])
+        judge_row = next(r for r in lineage_rows if r["artifact"] == "data/evaluator")
+        assert judge_row["md5"] == evaluator["outputs"]["data/evaluator"]
+        assert f"data/prepare {summary['stages'][0]['outputs']['data/prepare']}" in judge_row["inputs"]
+        assert judge_row["commit"] == evaluator["git_revision"]
+        assert "expect_column_values_to_be_in_set" in artifacts["prepare-expectations"]
+
+        # 2. Rerun: DVC finds everything up to date, so no stage executes.
+        state, second_run = run_flow(root, targets)
+        assert [s["status"] for s in state.result()["stages"]] == ["skipped"] * 3
+        assert set(asyncio.run(task_states(second_run)).values()) == {"Cached"}
+
+        # 3. One evaluator param changed: the evaluator and what depends on it rerun, prepare does not.
+        set_param(root, "evaluator", "epochs", 2)
+        state, _ = run_flow(root, targets)
+        assert [(s["stage"], s["status"]) for s in state.result()["stages"]] == [
+            ("prepare", "skipped"), ("evaluator", "executed"), ("teacher", "executed")]
+
+        # 4. A bad prepare param: the flow fails with the stage's message; nothing downstream starts.
+        lock_before = (root / "dvc.lock").read_text()
+        set_param(root, "prepare", "resolution", 4)
+        state, failed_run = run_flow(root, targets)
+        assert state.is_failed()
+        with pytest.raises(Exception, match=r"(?s)stage prepare failed.*prepare\.resolution"):
+            state.result()
+        states = asyncio.run(task_states(failed_run))
+        assert states["prepare"] == "Failed"
+        assert states.get("evaluator") != "Completed" and states.get("teacher") != "Completed"
+        assert (root / "dvc.lock").read_text() == lock_before
+
+        # Executed stages materialized their outputs (run 1: all, run 3: evaluator and teacher); skipped
+        # ones did not.
+        events = materializations(expected=5)
+        by_asset = {}
+        for event in events:
+            by_asset.setdefault(event.resource.id, []).append(event)
+        data = {p: asset_key(root, p) for p in ("data/prepare", "data/evaluator", "data/teacher")}
+        assert {k: len(v) for k, v in by_asset.items()} == {
+            data["data/prepare"]: 1, data["data/evaluator"]: 2, data["data/teacher"]: 2}
+        latest = max(by_asset[data["data/evaluator"]], key=lambda e: e.occurred)
+        assert latest.payload["params"]["evaluator.epochs"] == 2
+        assert latest.payload["md5"] == lock_md5(root, "evaluator", "data/evaluator")
+        assert data["data/prepare"] in {r.id for r in latest.related if r.role == "asset"}
+        teacher = max(by_asset[data["data/teacher"]], key=lambda e: e.occurred)
+        assert {data["data/prepare"], data["data/evaluator"]} <= {r.id for r in teacher.related
+                                                                  if r.role == "asset"}
