@@ -30,14 +30,17 @@ class StagePaths:
 
     root: Path
 
-    def data(self, stage: str) -> Path:
-        return self.root / "data" / stage
+    # A foreach stage (`distill_data@bold`) writes one item folder: data/distill_data/bold/.
+    def data(self, stage: str, item: str | None = None) -> Path:
+        return self.root / "data" / stage / (item or "")
 
-    def metrics(self, stage: str) -> Path:
+    def metrics(self, stage: str, item: str | None = None) -> Path:
+        if item:
+            return self.root / "metrics" / stage / f"{item}.json"
         return self.root / "metrics" / f"{stage}.json"
 
-    def plots(self, stage: str) -> Path:
-        return self.root / "plots" / stage
+    def plots(self, stage: str, item: str | None = None) -> Path:
+        return self.root / "plots" / stage / (item or "")
 
 
 def md5_file(path: Path) -> str:

@@ -1,0 +1,105 @@
+"""distill_data: the teacher's img2img pairs, validated by Great Expectations before they are written."""
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condenser.config import parse_params
+from condenser.data import DataError, load_split
+from condenser.distill_data import load_img2img, make_pairs
+from condenser.io import StagePaths
+from tasks import distill_data
+from tests.conftest import tiny_params
+
+CONCEPTS = {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
+            "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}}
+
+
+def _cfg(**checks):
+    raw = tiny_params()
+    # A tiny teacher edits badly: the judge-based floors are the default run's business, not this test's.
+    raw["distill_data"] = {"steps": 4, "batch_size": 8, "concepts": copy.deepcopy(CONCEPTS),
+                           "checks": {"min_digit_agreement": 0.0, "min_concept_accuracy": 0.0, **checks}}
+    return parse_params(raw).distill_data
+
+
+@pytest.fixture(scope="module")
+def pairs(teacher_root: Path):
+    cfg = _cfg()
+    meta = json.loads((teacher_root / "data" / "prepare" / "meta.json").read_text())
+    pipe = load_img2img(teacher_root / "data" / "teacher")
+    return make_pairs(pipe, load_split(teacher_root / "data" / "prepare", "train"), cfg.concepts["bold"], "bold",
+                      meta["styles"], meta["colors"], cfg.steps, cfg.guidance_scale, cfg.batch_size, cfg.seed)
+
+
+def test_stage_writes_validated_pairs(teacher_root: Path, pairs):
+    metrics = distill_data.write_pairs(_cfg(), StagePaths(teacher_root), "bold", pairs)
+    out = teacher_root / "data" / "distill_data" / "bold"
+    tensors = load_file(str(out / "pairs.safetensors"))
+    assert tensors["sources"].shape == tensors["edits"].shape == (8, 3, 16, 16)
+    assert tensors["sources"].dtype == torch.uint8
+    # The concept sets the style; the source's colour is kept in the prompt.
+    assert (tensors["target_style"] == 1).all() and torch.equal(tensors["target_color"], tensors["source_color"])
+    rows = (out / "pairs.csv").read_text().splitlines()
+    assert len(rows) == 9 and "a bold" in rows[1]
+    assert json.loads((out / "expectations.json").read_text())["success"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"data/prepare", "data/teacher", "data/evaluator"} <= set(manifest["inputs"])
+    assert manifest["params"]["concept"] == "bold"
+    saved = json.loads((teacher_root / "metrics" / "distill_data" / "bold.json").read_text())
+    assert saved == json.loads(json.dumps(metrics)) and saved["mean_abs_diff"] > 0.02
+    assert 0 <= saved["concept_accuracy"] <= 1 and saved["seconds_per_pair"] > 0
+    assert (teacher_root / "plots" / "distill_data" / "bold.png").is_file()
+
+
+def test_pairs_are_seeded(teacher_root: Path, pairs):
+    cfg = _cfg()
+    meta = json.loads((teacher_root / "data" / "prepare" / "meta.json").read_text())
+    again = make_pairs(load_img2img(teacher_root / "data" / "teacher"),
+                       load_split(teacher_root / "data" / "prepare", "train"), cfg.concepts["bold"], "bold",
+                       meta["styles"], meta["colors"], cfg.steps, cfg.guidance_scale, cfg.batch_size, cfg.seed)
+    assert torch.allclose(again.edits, pairs.edits, atol=1e-5) and again.prompts == pairs.prompts
+
+
+def _fails(teacher_root: Path, pairs, expectation: str, row: str, concept: str = "recolor_blue"):
+    with pytest.raises(DataError) as err:
+        distill_data.write_pairs(_cfg(), StagePaths(teacher_root), concept, pairs)
+    assert expectation in str(err.value) and row in str(err.value)
+    assert not (teacher_root / "data" / "distill_data" / concept).exists()
+
+
+def test_nan_edit_fails_the_suite(teacher_root: Path, pairs):
+    edits = pairs.edits.clone()
+    edits[2, 0, 3, 3] = float("nan")
+    _fails(teacher_root, replace(pairs, edits=edits), "nonfinite_count", "pair 2 ")
+
+
+def test_unchanged_edit_fails_the_suite(teacher_root: Path, pairs):
+    edits = pairs.edits.clone()
+    edits[5] = pairs.sources[5]
+    _fails(teacher_root, replace(pairs, edits=edits), "mean_abs_diff", "pair 5 ")
+
+
+def test_concept_floor_fails_the_suite(teacher_root: Path, pairs):
+    with pytest.raises(DataError, match="expect_column_mean_to_be_between.*concept_shown"):
+        distill_data.write_pairs(_cfg(min_concept_accuracy=1.0), StagePaths(teacher_root), "bold",
+                                 replace(pairs, edits=pairs.sources.clone() * 0.5))
+
+
+def test_unknown_concept_target_is_named(teacher_root: Path):
+    raw = tiny_params()
+    raw["distill_data"] = {"concepts": {"wavy": {"style": "wavy"}}}
+    with pytest.raises(DataError, match=r"distill_data.concepts.wavy.style: 'wavy'"):
+        distill_data.run(parse_params(raw).distill_data, StagePaths(teacher_root), "wavy")
+
+
+def test_concept_must_edit_one_attribute():
+    raw = tiny_params()
+    raw["distill_data"] = {"concepts": {"both": {"style": "bold", "color": "blue"}}}
+    with pytest.raises(Exception, match="exactly one of 'style' or 'color'"):
+        parse_params(raw)
