@@ -59,18 +59,18 @@ class EvaluatorParams(Section):
 
 
 class VaeParams(Section):
-    channels: list[int] = Field([32, 64], min_length=1)
+    channels: list[int] = Field([16, 32], min_length=1)
     latent_channels: int = Field(4, ge=1)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(16, ge=1)
-    steps: int = Field(600, ge=0)
+    steps: int = Field(400, ge=0)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
 
 
 class UnetParams(Section):
-    channels: list[int] = Field([64, 128], min_length=1)
+    channels: list[int] = Field([32, 64], min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(16, ge=1)
@@ -80,13 +80,13 @@ class UnetParams(Section):
 
 
 class TrainParams(Section):
-    steps: int = Field(1500, ge=0)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1.5e-3, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     # Min-SNR loss weighting (Hang et al. 2023); None weighs every timestep alike.
@@ -105,7 +105,7 @@ class TrainParams(Section):
 
 class SampleParams(Section):
     steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(4.0, ge=1)
+    guidance_scale: float = Field(2.0, ge=1)
     eval_images: int = Field(320, ge=8)
     batch_size: int = Field(64, ge=1)
 
@@ -138,10 +138,81 @@ class TeacherParams(Section):
         return self
 
 
+class ConceptParams(Section):
+    """An editing concept: the style or colour the edit asks for, in the caption template."""
+
+    style: str | None = None
+    color: str | None = None
+    # {digit}, {style} and {color} are filled from the source image, with the concept's target.
+    prompt: str = "a {style} {color} handwritten {digit}"
+    strength: float = Field(0.6, gt=0, le=1)
+    pairs: int = Field(96, ge=4)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ConceptParams:
+        if (self.style is None) == (self.color is None):
+            raise ValueError("a concept sets exactly one of 'style' or 'color' (the attribute it edits)")
+        return self
+
+
+class PairChecks(Section):
+    """Great Expectations bounds on a concept's pairs (distill_data.checks)."""
+
+    min_mean_abs_diff: float = Field(0.02, ge=0)
+    max_mean_abs_diff: float = Field(0.6, le=1)
+    min_digit_agreement: float = Field(0.6, ge=0, le=1)
+    min_concept_accuracy: float = Field(0.5, ge=0, le=1)
+
+
+class DistillDataParams(Section):
+    seed: int = 0
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(2.0, ge=1)
+    batch_size: int = Field(32, ge=1)
+    checks: PairChecks = PairChecks()
+    concepts: dict[str, ConceptParams] = {
+        "bold": ConceptParams(style="bold"), "italic": ConceptParams(style="italic"),
+        "thin": ConceptParams(style="thin"), "recolor_blue": ConceptParams(color="blue"),
+    }
+
+
+class StepDistillParams(Section):
+    seed: int = 0
+    # The first round's teacher sampler (DDIM steps); each round halves it until student_steps.
+    teacher_steps: int = Field(32, ge=2)
+    student_steps: int = Field(4, ge=1)
+    # The teacher's classifier-free guidance, which the student learns to reproduce in one pass.
+    guidance_scale: float = Field(4.0, ge=1)
+    train_steps_per_round: int = Field(300, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "linear"
+    warmup_steps: int = Field(10, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # The teacher's sampler the student is scored against (with CFG), in the same run.
+    reference_steps: int = Field(50, ge=1)
+    eval_images: int = Field(320, ge=8)
+    eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _halving(self) -> StepDistillParams:
+        ratio = self.teacher_steps // self.student_steps
+        if self.teacher_steps % self.student_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError("step_distill.teacher_steps must be student_steps times a power of two "
+                             f"(each round halves the steps); got {self.teacher_steps} and "
+                             f"{self.student_steps}")
+        if self.train_steps_per_round and self.warmup_steps >= self.train_steps_per_round:
+            raise ValueError(f"step_distill.warmup_steps ({self.warmup_steps}) must be below "
+                             f"train_steps_per_round ({self.train_steps_per_round}); lower it")
+        return self
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     evaluator: EvaluatorParams = EvaluatorParams()
     teacher: TeacherParams = TeacherParams()
+    distill_data: DistillDataParams = DistillDataParams()
+    step_distill: StepDistillParams = StepDistillParams()
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -19,7 +19,7 @@ TINY_PARAMS = {
     "evaluator": {"seed": 0, "epochs": 30, "batch_size": 32, "lr": 0.005, "width": 16, "feature_dim": 16},
     "teacher": {
         "seed": 0,
-        "vae": {"channels": [8, 16], "steps": 10, "batch_size": 16},
+        "vae": {"channels": [8, 16], "norm_num_groups": 8, "steps": 10, "batch_size": 16},
         "unet": {"channels": [16, 32], "attention_head_dim": 4, "norm_num_groups": 8},
         "train": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
         "sample": {"steps": 4, "eval_images": 16, "batch_size": 16},
@@ -57,4 +57,20 @@ def prepared_root(tmp_path_factory) -> Path:
     paths = StagePaths(root)
     prepare.run(params.prepare, paths)
     evaluator.run(params.evaluator, paths)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_root(prepared_root: Path, tmp_path_factory) -> Path:
+    """A copy of `prepared_root` with a tiny trained teacher in data/teacher."""
+    import shutil
+
+    from condenser.config import parse_params
+    from condenser.io import StagePaths
+    from tasks import teacher
+
+    root = tmp_path_factory.mktemp("with_teacher")
+    for sub in ("data", "metrics", "plots"):
+        shutil.copytree(prepared_root / sub, root / sub)
+    teacher.run(parse_params(tiny_params()).teacher, StagePaths(root))
     return root
