@@ -24,6 +24,13 @@ TINY_PARAMS = {
         "train": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
         "sample": {"steps": 4, "eval_images": 16, "batch_size": 16},
     },
+    # dvc.yaml's foreach reads the concepts from params.yaml itself, so they must be written out.
+    "distill_data": {
+        "steps": 4, "batch_size": 8,
+        "checks": {"min_digit_agreement": 0.0, "min_concept_accuracy": 0.0},
+        "concepts": {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
+                     "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}},
+    },
 }
 
 

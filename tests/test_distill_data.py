@@ -1,6 +1,5 @@
 """distill_data: the teacher's img2img pairs, validated by Great Expectations before they are written."""
 
-import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,15 +15,11 @@ from condenser.io import StagePaths
 from tasks import distill_data
 from tests.conftest import tiny_params
 
-CONCEPTS = {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
-            "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}}
-
-
 def _cfg(**checks):
+    # TINY_PARAMS's floors are 0: a tiny teacher edits badly, and the judge-based floors are the
+    # default run's business, not this test's.
     raw = tiny_params()
-    # A tiny teacher edits badly: the judge-based floors are the default run's business, not this test's.
-    raw["distill_data"] = {"steps": 4, "batch_size": 8, "concepts": copy.deepcopy(CONCEPTS),
-                           "checks": {"min_digit_agreement": 0.0, "min_concept_accuracy": 0.0, **checks}}
+    raw["distill_data"]["checks"].update(checks)
     return parse_params(raw).distill_data
 
 
