@@ -31,6 +31,9 @@ TINY_PARAMS = {
         "concepts": {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
                      "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}},
     },
+    "step_distill": {"seed": 0, "teacher_steps": 8, "student_steps": 2, "guidance_scale": 3.0,
+                     "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
+                     "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},
 }
 
 
