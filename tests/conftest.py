@@ -24,9 +24,10 @@ TINY_PARAMS = {
         "train": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
         "sample": {"steps": 4, "eval_images": 16, "batch_size": 16},
     },
-    # dvc.yaml's foreach reads the concepts from params.yaml itself, so they must be written out.
+    # dvc.yaml names these keys one by one (so one concept's change reruns only that concept), and
+    # DVC reads them from params.yaml itself: they must be written out, defaults or not.
     "distill_data": {
-        "steps": 4, "batch_size": 8,
+        "seed": 0, "steps": 4, "guidance_scale": 4.0, "batch_size": 8,
         "checks": {"min_digit_agreement": 0.0, "min_concept_accuracy": 0.0},
         "concepts": {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
                      "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}},
@@ -35,6 +36,21 @@ TINY_PARAMS = {
                      "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
                      "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},
 }
+
+
+def write_user_folder(folder: Path, n: int = 30) -> Path:
+    """A user image folder: n random (never all-black) PNGs and a labelled captions.csv."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["file,caption,digit,style,color"]
+    for i in range(n):
+        Image.fromarray(rng.integers(1, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        rows.append(f"img{i}.png,a plain red handwritten {i % 10},{i % 10},plain,red")
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def tiny_params() -> dict:

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from condenser.data import (DataError, caption, embedded_digits, load_split, render, save_split,
                             split_indices, user_folder)
+from tests.conftest import write_user_folder
 
 
 def _ink(images: torch.Tensor) -> float:
@@ -72,23 +72,13 @@ def test_split_round_trip(tmp_path: Path):
     assert torch.equal(back.digit, data.digit)
 
 
-def _user_folder(root: Path, n: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    rows = ["file,caption,digit,style,color"]
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        rows.append(f"img{i}.png,a plain red handwritten {i},{i},plain,red")
-    (root / "captions.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def test_user_folder_loads(tmp_path: Path):
-    raw, data = user_folder(_user_folder(tmp_path), 16, ["plain"], ["red"])
+    raw, data = user_folder(write_user_folder(tmp_path, 6), 16, ["plain"], ["red"])
     assert raw.shape == (6, 3, 16, 16) and data.digit.tolist() == list(range(6))
 
 
 def test_corrupt_image_names_the_file(tmp_path: Path):
-    folder = _user_folder(tmp_path)
+    folder = write_user_folder(tmp_path, 6)
     (folder / "img3.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"img3\.png: cannot be read as an image"):
         user_folder(folder, 16, ["plain"], ["red"])
@@ -100,7 +90,7 @@ def test_missing_captions_csv(tmp_path: Path):
 
 
 def test_unknown_label_names_line(tmp_path: Path):
-    folder = _user_folder(tmp_path)
+    folder = write_user_folder(tmp_path, 6)
     text = (folder / "captions.csv").read_text().replace("img2.png,a plain red handwritten 2,2,plain,red",
                                                          "img2.png,a plain red handwritten 2,2,wavy,red")
     (folder / "captions.csv").write_text(text)

@@ -99,7 +99,9 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
     params = tiny_params()
     params["evaluator"]["epochs"] = 1
     root = scratch_project(tmp_path / "project", params)
-    targets = ["teacher"]
+    # Every stage kind: plain stages, one foreach item (distill_data@bold), and step_distill.
+    targets = ["distill_data@bold", "step_distill"]
+    downstream = ["teacher", "distill_data@bold", "step_distill"]
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), \
             prefect_test_harness(server_startup_timeout=180):
@@ -107,8 +109,9 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         state, first_run = run_flow(root, targets)
         assert state.is_completed(), state.message
         summary = state.result()
-        assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
-            ("prepare", "executed"), ("evaluator", "executed"), ("teacher", "executed")]
+        assert [s["stage"] for s in summary["stages"]][:3] == ["prepare", "evaluator", "teacher"]
+        assert {s["stage"]: s["status"] for s in summary["stages"]} == dict.fromkeys(
+            ["prepare", "evaluator", *downstream], "executed")
         lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
         for stage in summary["stages"]:
             assert stage["outputs"] == {o["path"]: o["md5"] for o in lock[stage["stage"]]["outs"]}
@@ -118,25 +121,28 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         assert set(evaluator["metrics"]) >= {"test_accuracy.digit", "fd_validation_vs_test"}
 
         artifacts = asyncio.run(artifacts_of(first_run))
-        assert set(artifacts) == {f"{stage}-{kind}" for stage in ("prepare", "evaluator", "teacher")
-                                  for kind in ("lineage", "metrics")} | {"prepare-expectations"}
+        assert set(artifacts) == {f"{stage}-{kind}" for stage in ("prepare", "evaluator", "teacher",
+                                                                  "distill-data-bold", "step-distill")
+                                  for kind in ("lineage", "metrics")} | {"prepare-expectations",
+                                                                         "distill-data-bold-expectations"}
         lineage_rows = json.loads(artifacts["evaluator-lineage"])
         judge_row = next(r for r in lineage_rows if r["artifact"] == "data/evaluator")
         assert judge_row["md5"] == evaluator["outputs"]["data/evaluator"]
         assert f"data/prepare {summary['stages'][0]['outputs']['data/prepare']}" in judge_row["inputs"]
         assert judge_row["commit"] == evaluator["git_revision"]
         assert "expect_column_values_to_be_in_set" in artifacts["prepare-expectations"]
+        assert "mean_abs_diff" in artifacts["distill-data-bold-expectations"]
 
         # 2. Rerun: DVC finds everything up to date, so no stage executes.
         state, second_run = run_flow(root, targets)
-        assert [s["status"] for s in state.result()["stages"]] == ["skipped"] * 3
+        assert [s["status"] for s in state.result()["stages"]] == ["skipped"] * 5
         assert set(asyncio.run(task_states(second_run)).values()) == {"Cached"}
 
         # 3. One evaluator param changed: the evaluator and what depends on it rerun, prepare does not.
         set_param(root, "evaluator", "epochs", 2)
         state, _ = run_flow(root, targets)
-        assert [(s["stage"], s["status"]) for s in state.result()["stages"]] == [
-            ("prepare", "skipped"), ("evaluator", "executed"), ("teacher", "executed")]
+        assert {s["stage"]: s["status"] for s in state.result()["stages"]} == {
+            "prepare": "skipped", "evaluator": "executed", **dict.fromkeys(downstream, "executed")}
 
         # 4. A bad prepare param: the flow fails with the stage's message; nothing downstream starts.
         lock_before = (root / "dvc.lock").read_text()
@@ -147,18 +153,19 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
             state.result()
         states = asyncio.run(task_states(failed_run))
         assert states["prepare"] == "Failed"
-        assert states.get("evaluator") != "Completed" and states.get("teacher") != "Completed"
+        assert all(states.get(s) != "Completed" for s in ["evaluator", *downstream])
         assert (root / "dvc.lock").read_text() == lock_before
 
-        # Executed stages materialized their outputs (run 1: all, run 3: evaluator and teacher); skipped
+        # Executed stages materialized their outputs (run 1: all five, run 3: all but prepare); skipped
         # ones did not.
-        events = materializations(expected=5)
+        events = materializations(expected=9)
         by_asset = {}
         for event in events:
             by_asset.setdefault(event.resource.id, []).append(event)
-        data = {p: asset_key(root, p) for p in ("data/prepare", "data/evaluator", "data/teacher")}
+        data = {p: asset_key(root, p) for p in ("data/prepare", "data/evaluator", "data/teacher",
+                                                 "data/distill_data/bold", "data/step_distill")}
         assert {k: len(v) for k, v in by_asset.items()} == {
-            data["data/prepare"]: 1, data["data/evaluator"]: 2, data["data/teacher"]: 2}
+            key: 1 if path == "data/prepare" else 2 for path, key in data.items()}
         latest = max(by_asset[data["data/evaluator"]], key=lambda e: e.occurred)
         assert latest.payload["params"]["evaluator.epochs"] == 2
         assert latest.payload["md5"] == lock_md5(root, "evaluator", "data/evaluator")
@@ -166,3 +173,5 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         teacher = max(by_asset[data["data/teacher"]], key=lambda e: e.occurred)
         assert {data["data/prepare"], data["data/evaluator"]} <= {r.id for r in teacher.related
                                                                   if r.role == "asset"}
+        pairs = max(by_asset[data["data/distill_data/bold"]], key=lambda e: e.occurred)
+        assert {data["data/teacher"], data["data/prepare"]} <= {r.id for r in pairs.related if r.role == "asset"}

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from condenser.config import parse_params
 from condenser.data import DataError, load_split
 from condenser.io import StagePaths, md5_path
 from tasks import evaluator, prepare
-from tests.conftest import ROOT, tiny_params, write_params
+from tests.conftest import ROOT, tiny_params, write_params, write_user_folder
 
 
 def test_prepare_outputs_and_manifest(prepared_root: Path):
@@ -54,18 +53,8 @@ def _user_folder_params(folder: Path) -> dict:
     return raw
 
 
-def _write_user_folder(folder: Path, n: int = 30) -> None:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["file,caption,digit,style,color"]
-    for i in range(n):
-        Image.fromarray(rng.integers(1, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        rows.append(f"img{i}.png,a plain red handwritten {i % 10},{i % 10},plain,red")
-    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
-
-
 def test_prepare_user_folder(tmp_path: Path):
-    _write_user_folder(tmp_path / "mine")
+    write_user_folder(tmp_path / "mine")
     params = parse_params(_user_folder_params(tmp_path / "mine"))
     metrics = prepare.run(params.prepare, StagePaths(tmp_path))
     assert sum(metrics["images"].values()) == 30
@@ -74,7 +63,7 @@ def test_prepare_user_folder(tmp_path: Path):
 
 
 def test_nan_in_user_data_fails_naming_file_and_leaves_no_output(tmp_path: Path):
-    _write_user_folder(tmp_path / "mine")
+    write_user_folder(tmp_path / "mine")
     bad = np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)
     bad[3, 4, 1] = np.nan
     np.save(tmp_path / "mine" / "bad.npy", bad)
@@ -91,7 +80,7 @@ def test_nan_in_user_data_fails_naming_file_and_leaves_no_output(tmp_path: Path)
 
 def test_stage_command_exits_nonzero_with_clear_message(tmp_path: Path):
     """As DVC runs it: `python -m tasks.prepare` in the root, on a corrupt user image."""
-    _write_user_folder(tmp_path / "mine")
+    write_user_folder(tmp_path / "mine")
     (tmp_path / "mine" / "img7.png").write_bytes(b"\x89PNG broken")
     write_params(tmp_path, _user_folder_params(tmp_path / "mine"))
     proc = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=tmp_path, capture_output=True,
@@ -103,7 +92,7 @@ def test_stage_command_exits_nonzero_with_clear_message(tmp_path: Path):
 
 def test_evaluator_without_labels_is_refused(tmp_path: Path):
     folder = tmp_path / "mine"
-    _write_user_folder(folder)
+    write_user_folder(folder)
     text = (folder / "captions.csv").read_text().splitlines()
     (folder / "captions.csv").write_text("\n".join(["file,caption"] + [",".join(r.split(",")[:2]) for r in text[1:]]) + "\n")
     params = parse_params(_user_folder_params(folder))
