@@ -22,13 +22,16 @@ ROOT_OPTION = typer.Option(Path("."), "--root", help="The DVC project (folder ho
 def run(
     targets: list[str] = typer.Argument(None, help="Stages to run, with their upstream (default: all)."),
     force: bool = typer.Option(False, "--force", help="Rerun stages even when DVC finds them up to date."),
+    max_parallel: int = typer.Option(1, "--max-parallel", min=1,
+                                     help="Sibling stages run at once (one machine: keep 1)."),
     root: Path = ROOT_OPTION,
 ) -> None:
     """Run the pipeline as a Prefect flow (the ephemeral server, or PREFECT_API_URL's)."""
     from flows.pipeline import StageFailed, condenser_pipeline
 
     try:
-        condenser_pipeline(root=str(root.absolute()), targets=targets or None, force=force)
+        condenser_pipeline(root=str(root.absolute()), targets=targets or None, force=force,
+                           max_parallel=max_parallel)
     except (StageFailed, ValueError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from contextlib import chdir
@@ -185,7 +186,7 @@ def expectations_markdown(title: str, path: Path) -> str:
     return "\n".join(lines)
 
 
-def make_stage_task(root: Path, spec: StageSpec, force: bool):
+def make_stage_task(root: Path, spec: StageSpec, force: bool, slots: threading.BoundedSemaphore):
     """The Prefect task for one stage; a materializing task when the stage has artifact outputs.
 
     Metrics and plots are not assets: they go into the metadata and artifacts, and as assets Prefect
@@ -196,7 +197,8 @@ def make_stage_task(root: Path, spec: StageSpec, force: bool):
     def run_stage() -> Any:
         logger = get_run_logger()
         started = time.perf_counter()
-        executed = dvc_repro(root, spec.name, force, logger.info)
+        with slots:
+            executed = dvc_repro(root, spec.name, force, logger.info)
         report = stage_report(root, spec, executed, time.perf_counter() - started)
         if executed:
             for asset in assets:
@@ -217,15 +219,24 @@ def make_stage_task(root: Path, spec: StageSpec, force: bool):
 
 
 @flow(name="condenser-pipeline", log_prints=True, persist_result=False)
-def condenser_pipeline(root: str = ".", targets: list[str] | None = None, force: bool = False) -> dict:
-    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks, upstream first."""
+def condenser_pipeline(root: str = ".", targets: list[str] | None = None, force: bool = False,
+                       max_parallel: int = 1) -> dict:
+    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks, upstream first.
+
+    Sibling stages may run side by side, at most `max_parallel` at once. The default is one: on a
+    single machine, parallel stages share its cores and each trains with all of them, so running
+    several at once is slower than running them in turn. Raise it when stages get their own GPUs.
+    """
     started = time.perf_counter()
     root_path = Path(root).absolute()
     specs = stage_graph(root_path, targets)
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
+    slots = threading.BoundedSemaphore(max_parallel)
 
     futures: dict[str, PrefectFuture] = {}
     for spec in specs:
-        futures[spec.name] = make_stage_task(root_path, spec, force).submit(
+        futures[spec.name] = make_stage_task(root_path, spec, force, slots).submit(
             wait_for=[futures[up] for up in spec.upstream])
     # In order, so the first failed stage's error is the one that fails the flow.
     stages = [futures[spec.name].result() for spec in specs]
@@ -261,5 +272,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", help="stages to run with their upstream (default: all)")
     parser.add_argument("--force", action="store_true", help="rerun even up-to-date stages")
+    parser.add_argument("--max-parallel", type=int, default=1, help="sibling stages run at once")
     args = parser.parse_args()
-    condenser_pipeline(targets=args.targets or None, force=args.force)
+    condenser_pipeline(targets=args.targets or None, force=args.force, max_parallel=args.max_parallel)
