@@ -9,6 +9,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Offline, the Prefect server's telemetry only fails (and logs an error each time).
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup pipeline repro test bench status clean
 
