@@ -147,6 +147,8 @@ class ConceptParams(Section):
     prompt: str = "a {style} {color} handwritten {digit}"
     strength: float = Field(0.6, gt=0, le=1)
     pairs: int = Field(96, ge=4)
+    # Edits of held-out test-split sources: the reference the GAN editors are scored against.
+    heldout: int = Field(64, ge=4)
 
     @model_validator(mode="after")
     def _one_target(self) -> ConceptParams:
@@ -211,12 +213,82 @@ class StepDistillParams(Section):
         return self
 
 
+class GeneratorParams(Section):
+    # Channels at full resolution; x2 and x4 at the two lower levels.
+    channels: int = Field(16, ge=4)
+    blocks: int = Field(3, ge=1)
+    # "inception": CAT's inception-based residual blocks (parallel 1x1, 3x3, dilated 3x3 branches).
+    block: Literal["resnet", "inception"] = "resnet"
+    code_dim: int = Field(32, ge=1)
+
+
+class GanBaseParams(Section):
+    seed: int = 0
+    # The distill_data concepts whose pooled pairs train the base; the others are new to it.
+    concepts: list[str] = Field(["bold", "thin", "recolor_blue"], min_length=1)
+    # Of each concept's pairs, this fraction is held back (from gan_base and lora training alike) to
+    # pick ranks and data fractions on.
+    validation_fraction: float = Field(0.2, gt=0, lt=0.5)
+    generator: GeneratorParams = GeneratorParams()
+    discriminator_channels: int = Field(32, ge=4)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    disc_lr: float = Field(1e-3, gt=0)
+    # pix2pix's objective: L1 to the teacher's edit, weighted against the adversarial loss.
+    l1_weight: float = Field(100.0, ge=0)
+    adv_weight: float = Field(1.0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+class LoraParams(Section):
+    seed: int = 0
+    # One lora@<concept> stage each; a concept outside gan_base.concepts gets a new concept code.
+    concepts: list[str] = Field(["bold", "italic", "thin", "recolor_blue"], min_length=1)
+    # The short full fine-tune whose per-layer weight change picks the crucial layers.
+    probe_steps: int = Field(60, ge=1)
+    crucial_layers: int = Field(4, ge=1)
+    ranks: list[int] = Field([1, 2, 4, 8, 16], min_length=1)
+    data_fractions: list[float] = Field([0.1, 0.25, 0.5, 1.0], min_length=1)
+    # The smallest rank (then the least data) whose validation PSNR is within this of the best.
+    tolerance_db: float = Field(0.5, ge=0)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    # Full fine-tuning (the comparison, and the probe) moves every weight: a smaller step.
+    full_lr: float = Field(5e-4, gt=0)
+    disc_lr: float = Field(5e-4, gt=0)
+    # Batch-1 latency: timed calls of the GAN and of the teacher's img2img edit.
+    latency_repeats: int = Field(200, ge=1)
+    teacher_latency_repeats: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _search_space(self) -> LoraParams:
+        if any(r < 1 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError("lora.ranks must be distinct positive integers, e.g. [1, 2, 4, 8, 16]")
+        if any(not 0 < f <= 1 for f in self.data_fractions):
+            raise ValueError("lora.data_fractions must lie in (0, 1], e.g. [0.1, 0.25, 0.5, 1.0]")
+        return self
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     evaluator: EvaluatorParams = EvaluatorParams()
     teacher: TeacherParams = TeacherParams()
     distill_data: DistillDataParams = DistillDataParams()
     step_distill: StepDistillParams = StepDistillParams()
+    gan_base: GanBaseParams = GanBaseParams()
+    lora: LoraParams = LoraParams()
+
+    @model_validator(mode="after")
+    def _concepts_exist(self) -> Params:
+        known = self.distill_data.concepts
+        for key in ("gan_base", "lora"):
+            unknown = [c for c in getattr(self, key).concepts if c not in known]
+            if unknown:
+                raise ValueError(f"{key}.concepts: {', '.join(unknown)} not in distill_data.concepts "
+                                 f"({', '.join(known)}); add them there first, their pairs train the GAN")
+        return self
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -91,11 +91,13 @@ def edit(pipe, images: torch.Tensor, prompts: list[str], strength: float, steps:
 
 
 def make_pairs(pipe, train: ImageSet, concept: ConceptParams, name: str, styles: list[str],
-               colors: list[str], steps: int, guidance_scale: float, batch_size: int, seed: int) -> Pairs:
+               colors: list[str], steps: int, guidance_scale: float, batch_size: int, seed: int,
+               n: int | None = None) -> Pairs:
+    """`n` (default: the concept's `pairs`) edits of sources drawn from `train` (any prepared split)."""
     import time
 
     head, target = concept_target(concept, styles, colors, name)
-    idx = select_sources(train, head, target, concept.pairs, seed)
+    idx = select_sources(train, head, target, n or concept.pairs, seed)
     sources = train.subset(idx)
     target_style = sources.style.clone() if head == "color" else torch.full_like(sources.style, target)
     target_color = sources.color.clone() if head == "style" else torch.full_like(sources.color, target)
@@ -110,8 +112,9 @@ def make_pairs(pipe, train: ImageSet, concept: ConceptParams, name: str, styles:
                  (time.perf_counter() - started) / max(len(idx), 1))
 
 
-def pair_table(pairs: Pairs, judged: dict[str, torch.Tensor], head: str) -> pd.DataFrame:
-    """One row per pair: the statistics the pair suite checks, with judge verdicts on the edit."""
+def pair_table(pairs: Pairs, judged: dict[str, torch.Tensor], head: str, label: str = "pair") -> pd.DataFrame:
+    """One row per pair, named `<label> <i> (<source file>)`: the statistics the pair suite checks, with
+    judge verdicts on the edit."""
     edits = pairs.edits.double()
     flat = edits.flatten(1)
     finite = torch.isfinite(flat)
@@ -121,7 +124,7 @@ def pair_table(pairs: Pairs, judged: dict[str, torch.Tensor], head: str) -> pd.D
                  for s, e in zip((pairs.sources * 255).round().to(torch.uint8),
                                  (torch.nan_to_num(pairs.edits).clamp(0, 1) * 255).round().to(torch.uint8))]
     return pd.DataFrame({
-        "file": [f"pair {i} ({f})" for i, f in enumerate(pairs.source_files)],
+        "file": [f"{label} {i} ({f})" for i, f in enumerate(pairs.source_files)],
         "pair_hash": pair_hash,
         "prompt": pairs.prompts,
         "channels": edits.shape[1], "height": edits.shape[2], "width": edits.shape[3],

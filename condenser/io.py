@@ -20,6 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# Fields of Manifest.run_record(): never in manifest.json, which must not change between reruns.
+RUN_FIELDS = ("git_revision", "wall_time_s")
+
 LIBRARIES = ("condenser", "torch", "diffusers", "transformers", "accelerate", "peft", "numpy",
              "scikit-learn", "great-expectations", "safetensors")
 
@@ -124,7 +127,12 @@ def library_versions() -> dict[str, str]:
 
 
 class Manifest:
-    """Collects what a stage's artifact is and what made it; written as `manifest.json`."""
+    """Collects what a stage's artifact is and what made it; written as `manifest.json`.
+
+    The manifest lies inside a DVC-hashed output, so it holds only what the inputs, params and code
+    determine: a rerun on the same ones gives the same bytes, and DVC reruns nothing downstream. The
+    volatile part (commit, wall time) is `run_record()`, which stages put in their metrics file.
+    """
 
     def __init__(self, stage: str, root: Path, params: dict, seed: int | None = None):
         self.stage, self.root, self.params, self.seed = stage, Path(root), params, seed
@@ -148,9 +156,16 @@ class Manifest:
             "seed": self.seed,
             "device": device,
             "libraries": library_versions(),
-            "git_revision": git_revision(self.root),
-            "wall_time_s": round(time.perf_counter() - self.started, 3),
             **extra,
         }
+        volatile = set(manifest) & set(RUN_FIELDS)
+        if volatile:
+            raise ValueError(f"manifest extras {sorted(volatile)} change on every run; put them in the "
+                             "metrics file (run_record()) instead")
         write_json(Path(out_dir) / "manifest.json", manifest)
         return manifest
+
+    def run_record(self) -> dict:
+        """What differs between reruns on the same inputs: the commit and the wall time so far."""
+        return {"git_revision": git_revision(self.root),
+                "wall_time_s": round(time.perf_counter() - self.started, 3)}

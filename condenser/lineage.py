@@ -1,9 +1,10 @@
 """Lineage from `dvc.lock`: which stage made a file, and everything that stage was made from.
 
-`dvc.lock` holds the md5 of every dep and out of every stage that ran; each stage's `manifest.json`
-adds the git revision it ran at. Walking deps backwards from any file gives the chain to the raw
-inputs, the params of every stage on the way and the commits, with no server (DESIGN.md, "Lineage").
-The file is read as plain YAML, so this needs neither DVC nor Prefect.
+`dvc.lock` holds the md5 of every dep and out of every stage that ran; each stage's metrics file
+adds the git revision it ran at (under "run"; older outputs keep it in `manifest.json`). Walking deps
+backwards from any file gives the chain to the raw inputs, the params of every stage on the way and
+the commits, with no server (DESIGN.md, "Lineage"). The file is read as plain YAML, so this needs
+neither DVC nor Prefect.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def read_lock(root: Path) -> dict[str, StageRecord]:
             outs=outs,
             deps={d["path"]: d.get("md5", "") for d in entry.get("deps", [])},
             params=entry.get("params", {}),
-            git_revision=_manifest_revision(root, outs),
+            git_revision=_run_revision(root, outs),
         )
     return records
 
@@ -143,7 +144,7 @@ def render(lineage: Lineage) -> str:
         lines.append(f"dvc.lock last committed at {lineage.lock_commit}")
     for record in lineage.stages:
         lines += ["", f"stage {record.name}: {record.cmd}",
-                  f"  commit  {record.git_revision or 'unknown (no manifest.json)'}"]
+                  f"  commit  {record.git_revision or 'unknown (no run record in its metrics)'}"]
         if lineage.upstream.get(record.name):
             lines.append(f"  after   {', '.join(lineage.upstream[record.name])}")
         lines.append("  outputs")
@@ -199,7 +200,14 @@ def _producer(records: dict[str, StageRecord], rel: str) -> tuple[StageRecord | 
     return None, None
 
 
-def _manifest_revision(root: Path, outs: dict[str, str]) -> str | None:
+def _run_revision(root: Path, outs: dict[str, str]) -> str | None:
+    """The commit a stage ran at: its metrics file's run record, else (older outputs) its manifest."""
+    for out in outs:
+        path = root / out
+        if out.startswith(f"{METRICS_DIR}/") and out.endswith(".json") and path.is_file():
+            run = json.loads(path.read_text()).get("run")
+            if isinstance(run, dict) and run.get("git_revision"):
+                return run["git_revision"]
     for out, md5 in outs.items():
         manifest = root / out / "manifest.json"
         if md5.endswith(".dir") and manifest.is_file():

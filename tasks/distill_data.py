@@ -7,7 +7,8 @@ shapes, ranges, no NaN/inf, no duplicates, the edit changed the image, the digit
 shows) before anyone trains on them; a failed expectation fails the stage and is named.
 
 Run per concept, as DVC's foreach does: `python -m tasks.distill_data bold`.
-Outputs: data/distill_data/<concept>/{pairs.safetensors, pairs.csv, expectations.json, manifest.json};
+Outputs: data/distill_data/<concept>/{pairs,heldout}.{safetensors,csv} (train-split and held-out
+test-split sources), expectations.json, manifest.json;
 metrics/distill_data/<concept>.json; plots/distill_data/<concept>.png.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 
+import pandas as pd
 import torch
 from safetensors.torch import save_file
 
@@ -37,68 +39,85 @@ def run(cfg: DistillDataParams, paths: StagePaths, concept: str) -> dict:
     # Fail on a bad concept before loading any model.
     concept_target(cfg.concepts[concept], meta["styles"], meta["colors"], concept)
     pipe = load_img2img(teacher_dir)
-    pairs = make_pairs(pipe, load_split(prepared, "train"), cfg.concepts[concept], concept, meta["styles"],
-                       meta["colors"], cfg.steps, cfg.guidance_scale, cfg.batch_size, cfg.seed)
-    return write_pairs(cfg, paths, concept, pairs)
+    args = (cfg.concepts[concept], concept, meta["styles"], meta["colors"], cfg.steps, cfg.guidance_scale,
+            cfg.batch_size)
+    pairs = make_pairs(pipe, load_split(prepared, "train"), *args, cfg.seed)
+    # Held-out test-split sources, another seed: the reference edits the GAN editors are scored against.
+    heldout = make_pairs(pipe, load_split(prepared, "test"), *args, cfg.seed + 1, n=cfg.concepts[concept].heldout)
+    return write_pairs(cfg, paths, concept, pairs, heldout)
 
 
-def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: Pairs) -> dict:
-    """Judge and validate the pairs; write them only if every expectation holds."""
+def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: Pairs, heldout: Pairs) -> dict:
+    """Judge and validate the pairs and held-out pairs; write them only if every expectation holds."""
     prepared = paths.data("prepare")
     meta = read_json(prepared / "meta.json")
-    head, _ = concept_target(cfg.concepts[concept], meta["styles"], meta["colors"], concept)
+    params = cfg.concepts[concept]
+    head, _ = concept_target(params, meta["styles"], meta["colors"], concept)
     judge, _ = load_judge(paths.data("evaluator"))
-    judged = predict(judge, torch.nan_to_num(pairs.edits).clamp(0, 1))
-    table = pair_table(pairs, judged, head)
-    report = check(table, pair_expectations(cfg.concepts[concept].pairs, meta["resolution"], cfg.checks),
+    judged = {name: predict(judge, torch.nan_to_num(p.edits).clamp(0, 1))
+              for name, p in (("pairs", pairs), ("heldout", heldout))}
+    tables = {"pairs": pair_table(pairs, judged["pairs"], head, "pair"),
+              "heldout": pair_table(heldout, judged["heldout"], head, "heldout")}
+    # One suite over both sets: a bad held-out edit would corrupt every score measured against it.
+    report = check(pd.concat(tables.values(), ignore_index=True),
+                   pair_expectations(params.pairs + params.heldout, meta["resolution"], cfg.checks),
                    f"distill_data-{concept}")
     if not report.success:
         raise DataError(f"distill_data@{concept}: the teacher's pairs fail validation, so nothing is "
                         f"written.\n{report.describe()}\nAdjust distill_data.concepts.{concept} (strength, "
                         "prompt) or distill_data.checks, or improve the teacher.")
 
+    table = tables["pairs"]
     other = "color" if head == "style" else "style"
     metrics = {
         "pairs": len(table),
+        "heldout_pairs": len(tables["heldout"]),
         "concept_accuracy": float(table["concept_shown"].mean()),
         "content_preservation": float(table["digit_preserved"].mean()),
-        f"{other}_preserved": float((judged[other] == getattr(pairs, f"source_{other}")).float().mean()),
+        f"{other}_preserved": float((judged["pairs"][other] == getattr(pairs, f"source_{other}")).float().mean()),
+        "heldout_concept_accuracy": float(tables["heldout"]["concept_shown"].mean()),
+        "heldout_content_preservation": float(tables["heldout"]["digit_preserved"].mean()),
         "mean_abs_diff": float(table["mean_abs_diff"].mean()),
         "seconds_per_pair": pairs.seconds_per_pair,
         "expectations": {"evaluated": len(report.results), "failed": 0},
     }
     manifest = Manifest("distill_data", paths.root, {"concept": concept, **cfg.model_dump(exclude={"concepts"}),
-                                                     **cfg.concepts[concept].model_dump()}, seed=cfg.seed)
+                                                     **params.model_dump()}, seed=cfg.seed)
     manifest.add_input(prepared)
     manifest.add_input(paths.data("evaluator"))
     manifest.add_input(paths.data("teacher"))
-    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()  # noqa: E731
     with atomic_dir(paths.data("distill_data", concept)) as tmp:
-        save_file({"sources": to_uint8(pairs.sources), "edits": to_uint8(pairs.edits), "digit": pairs.digit,
-                   "source_style": pairs.source_style, "source_color": pairs.source_color,
-                   "target_style": pairs.target_style, "target_color": pairs.target_color},
-                  str(tmp / "pairs.safetensors"))
-        with open(tmp / "pairs.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["index", "source_file", "prompt", "seed", "digit", "source_style", "source_color",
-                             "target_style", "target_color", "mean_abs_diff", "digit_preserved",
-                             "concept_shown"])
-            for i, row in table.iterrows():
-                writer.writerow([i, pairs.source_files[i], pairs.prompts[i], pairs.seeds[i],
-                                 int(pairs.digit[i]), meta["styles"][int(pairs.source_style[i])],
-                                 meta["colors"][int(pairs.source_color[i])],
-                                 meta["styles"][int(pairs.target_style[i])],
-                                 meta["colors"][int(pairs.target_color[i])], round(row["mean_abs_diff"], 6),
-                                 int(row["digit_preserved"]), int(row["concept_shown"])])
+        for name, p in (("pairs", pairs), ("heldout", heldout)):
+            _write_set(tmp, name, p, tables[name], meta)
         write_json(tmp / "expectations.json", report.to_dict())
         manifest.write(tmp, artifact=f"{len(table)} (source, teacher img2img edit) pairs for concept "
-                                     f"'{concept}'", metrics=metrics)
+                                     f"'{concept}', and {len(tables['heldout'])} held-out pairs")
     # Rows of eight sources, each followed by the row of their edits.
     n = min(16, len(table)) // 8 * 8 or len(table)
     rows = [part for k in range(0, n, 8) for part in (pairs.sources[k:k + 8], pairs.edits[k:k + 8].clamp(0, 1))]
     save_grid(torch.cat(rows), paths.plots("distill_data") / f"{concept}.png", nrow=min(8, n))
+    # seconds_per_pair varies run to run: metrics file only, not the hashed manifest.
+    metrics["run"] = manifest.run_record()
     write_json(paths.metrics("distill_data", concept), metrics)
     return metrics
+
+
+def _write_set(folder, name: str, pairs: Pairs, table, meta: dict) -> None:
+    """`<name>.safetensors` (uint8 images, int64 labels) and `<name>.csv` (one readable row per pair)."""
+    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()  # noqa: E731
+    save_file({"sources": to_uint8(pairs.sources), "edits": to_uint8(pairs.edits), "digit": pairs.digit,
+               "source_style": pairs.source_style, "source_color": pairs.source_color,
+               "target_style": pairs.target_style, "target_color": pairs.target_color},
+              str(folder / f"{name}.safetensors"))
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["index", "source_file", "prompt", "seed", "digit", "source_style", "source_color",
+                         "target_style", "target_color", "mean_abs_diff", "digit_preserved", "concept_shown"])
+        for i, row in table.iterrows():
+            writer.writerow([i, pairs.source_files[i], pairs.prompts[i], pairs.seeds[i], int(pairs.digit[i]),
+                             meta["styles"][int(pairs.source_style[i])], meta["colors"][int(pairs.source_color[i])],
+                             meta["styles"][int(pairs.target_style[i])], meta["colors"][int(pairs.target_color[i])],
+                             round(row["mean_abs_diff"], 6), int(row["digit_preserved"]), int(row["concept_shown"])])
 
 
 def main() -> None:

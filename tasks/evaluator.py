@@ -47,7 +47,8 @@ def run(cfg: EvaluatorParams, paths: StagePaths) -> dict:
     with atomic_dir(paths.data("evaluator")) as tmp:
         save_judge(judge, tmp, styles=meta["styles"], colors=meta["colors"])
         manifest.write(tmp, artifact="judge classifier (digit, style, colour) in safetensors",
-                       metrics=metrics)
+                       metrics=metrics)  # no timings in these: stable on a rerun
+    metrics["run"] = manifest.run_record()
     write_json(paths.metrics("evaluator"), metrics)
     return metrics
 

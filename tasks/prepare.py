@@ -70,7 +70,8 @@ def run(cfg: PrepareParams, paths: StagePaths) -> dict:
     save_grid(data.images[first], paths.plots("prepare") / "samples.png", nrow=8)
     metrics = {"images": {n: len(splits[n]) for n in SPLITS},
                "expectations": {"evaluated": len(report.results), "failed": len(report.failures)},
-               "classes": {"styles": len(cfg.styles), "colors": len(cfg.colors)}}
+               "classes": {"styles": len(cfg.styles), "colors": len(cfg.colors)},
+               "run": manifest.run_record()}
     write_json(paths.metrics("prepare"), metrics)
     return metrics
 

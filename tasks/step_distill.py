@@ -125,7 +125,9 @@ def run(cfg: StepDistillParams, paths: StagePaths) -> dict:
         write_json(tmp / SAMPLING_FILE, sampling)
         manifest.write(tmp, artifact=f"StableDiffusionPipeline, progressive-distilled student: "
                        f"{cfg.student_steps} DDIM steps, guidance_scale 1",
-                       device=str(accelerator.device), sampling=sampling, metrics=metrics)
+                       device=str(accelerator.device), sampling=sampling)
+    # The metrics hold timings, so they go to the (uncached) metrics file, not the hashed manifest.
+    metrics["run"] = manifest.run_record()
     write_json(paths.metrics("step_distill"), metrics)
     plots = paths.plots("step_distill")
     rows = [f"teacher_{cfg.reference_steps}", f"teacher_{cfg.student_steps}", f"student_{cfg.student_steps}"]

@@ -111,7 +111,9 @@ def run(cfg: TeacherParams, paths: StagePaths) -> dict:
         pipe.save_pretrained(tmp, safe_serialization=True)
         manifest.write(tmp, artifact=f"StableDiffusionPipeline {resolution}x{resolution} "
                        f"({cfg.mode}{', from ' + cfg.checkpoint if cfg.checkpoint else ''})",
-                       device=str(accelerator.device), metrics=metrics)
+                       device=str(accelerator.device))
+    # The metrics hold timings, so they go to the (uncached) metrics file, not the hashed manifest.
+    metrics["run"] = manifest.run_record()
     write_json(paths.metrics("teacher"), metrics)
     plots = paths.plots("teacher")
     save_grid(_by_digit(generated, asked["digit"]), plots / "samples.png", nrow=SAMPLES_PER_DIGIT)

@@ -29,9 +29,19 @@ TINY_PARAMS = {
     "distill_data": {
         "seed": 0, "steps": 4, "guidance_scale": 4.0, "batch_size": 8,
         "checks": {"min_digit_agreement": 0.0, "min_concept_accuracy": 0.0},
-        "concepts": {"bold": {"style": "bold", "pairs": 8, "strength": 0.7},
-                     "recolor_blue": {"color": "blue", "pairs": 8, "strength": 0.7}},
+        "concepts": {"bold": {"style": "bold", "pairs": 12, "heldout": 8, "strength": 0.7},
+                     "recolor_blue": {"color": "blue", "pairs": 12, "heldout": 8, "strength": 0.7},
+                     "italic": {"style": "italic", "pairs": 12, "heldout": 8, "strength": 0.7},
+                     "thin": {"style": "thin", "pairs": 12, "heldout": 8, "strength": 0.7}},
     },
+    # The same base concepts as dvc.yaml lists for gan_base.
+    "gan_base": {"seed": 0, "concepts": ["bold", "thin", "recolor_blue"], "validation_fraction": 0.2,
+                 "generator": {"channels": 8, "blocks": 1, "code_dim": 8}, "discriminator_channels": 8,
+                 "steps": 40, "batch_size": 8},
+    # italic is not a gan_base concept: lora@italic is the concept the base never saw.
+    "lora": {"seed": 0, "concepts": ["bold", "italic"], "probe_steps": 5, "crucial_layers": 2, "ranks": [1, 4],
+             "data_fractions": [0.5, 1.0], "tolerance_db": 0.5, "steps": 40, "batch_size": 8, "lr": 0.005,
+             "full_lr": 0.001, "disc_lr": 0.0005, "latency_repeats": 5, "teacher_latency_repeats": 1},
     "step_distill": {"seed": 0, "teacher_steps": 8, "student_steps": 2, "guidance_scale": 3.0,
                      "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
                      "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},

@@ -25,6 +25,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from bench.pipeline import dvc, scratch_project, stage_env
+from condenser.lineage import trace
 from flows.pipeline import asset_key, condenser_pipeline
 
 MATERIALIZED = "prefect.asset.materialization.succeeded"
@@ -90,7 +91,7 @@ def lock_md5(root, stage: str, out: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
     # One thread per stage: on 2 shared cores, more threads stall each other.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -99,9 +100,11 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
     params = tiny_params()
     params["evaluator"]["epochs"] = 1
     root = scratch_project(tmp_path / "project", params)
-    # Every stage kind: plain stages, one foreach item (distill_data@bold), and step_distill.
-    targets = ["distill_data@bold", "step_distill"]
-    downstream = ["teacher", "distill_data@bold", "step_distill"]
+    # Every stage kind: plain stages, foreach items (distill_data@*, lora@italic) and fan-in (gan_base).
+    targets = ["lora@italic", "step_distill"]
+    concepts = [f"distill_data@{c}" for c in params["distill_data"]["concepts"]]
+    downstream = ["teacher", *concepts, "gan_base", "lora@italic", "step_distill"]
+    stages = ["prepare", "evaluator", *downstream]
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), \
             prefect_test_harness(server_startup_timeout=180):
@@ -110,8 +113,7 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         assert state.is_completed(), state.message
         summary = state.result()
         assert [s["stage"] for s in summary["stages"]][:3] == ["prepare", "evaluator", "teacher"]
-        assert {s["stage"]: s["status"] for s in summary["stages"]} == dict.fromkeys(
-            ["prepare", "evaluator", *downstream], "executed")
+        assert {s["stage"]: s["status"] for s in summary["stages"]} == dict.fromkeys(stages, "executed")
         lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
         for stage in summary["stages"]:
             assert stage["outputs"] == {o["path"]: o["md5"] for o in lock[stage["stage"]]["outs"]}
@@ -121,10 +123,9 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         assert set(evaluator["metrics"]) >= {"test_accuracy.digit", "fd_validation_vs_test"}
 
         artifacts = asyncio.run(artifacts_of(first_run))
-        assert set(artifacts) == {f"{stage}-{kind}" for stage in ("prepare", "evaluator", "teacher",
-                                                                  "distill-data-bold", "step-distill")
-                                  for kind in ("lineage", "metrics")} | {"prepare-expectations",
-                                                                         "distill-data-bold-expectations"}
+        slugs = [s.replace("_", "-").replace("@", "-") for s in stages]
+        assert set(artifacts) == {f"{slug}-{kind}" for slug in slugs for kind in ("lineage", "metrics")} | {
+            "prepare-expectations", *(f"{slug}-expectations" for slug in slugs if slug.startswith("distill-data"))}
         lineage_rows = json.loads(artifacts["evaluator-lineage"])
         judge_row = next(r for r in lineage_rows if r["artifact"] == "data/evaluator")
         assert judge_row["md5"] == evaluator["outputs"]["data/evaluator"]
@@ -132,10 +133,21 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         assert judge_row["commit"] == evaluator["git_revision"]
         assert "expect_column_values_to_be_in_set" in artifacts["prepare-expectations"]
         assert "mean_abs_diff" in artifacts["distill-data-bold-expectations"]
+        # The merged editor traces back through every stage that made it.
+        lineage = trace(root / "data" / "lora" / "italic" / "merged" / "generator.safetensors")
+        assert lineage.output == "data/lora/italic"
+        assert lineage.stages[0].name == "lora@italic"
+        assert {s.name for s in lineage.stages} == {"lora@italic", "gan_base", "teacher", "evaluator", "prepare",
+                                                    *concepts}
+        up = {k: set(v) for k, v in lineage.upstream.items()}
+        assert {"gan_base", "distill_data@italic", "teacher"} <= up["lora@italic"]
+        # The base GAN never saw italic: lora -> gan_base -> distill_data -> teacher -> prepare.
+        assert "distill_data@italic" not in up["gan_base"] and "distill_data@bold" in up["gan_base"]
+        assert "teacher" in up["distill_data@bold"] and "prepare" in up["teacher"]
 
         # 2. Rerun: DVC finds everything up to date, so no stage executes.
         state, second_run = run_flow(root, targets)
-        assert [s["status"] for s in state.result()["stages"]] == ["skipped"] * 5
+        assert [s["status"] for s in state.result()["stages"]] == ["skipped"] * len(stages)
         assert set(asyncio.run(task_states(second_run)).values()) == {"Cached"}
 
         # 3. One evaluator param changed: the evaluator and what depends on it rerun, prepare does not.
@@ -158,12 +170,13 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
 
         # Executed stages materialized their outputs (run 1: all five, run 3: all but prepare); skipped
         # ones did not.
-        events = materializations(expected=9)
+        events = materializations(expected=2 * len(stages) - 1)
         by_asset = {}
         for event in events:
             by_asset.setdefault(event.resource.id, []).append(event)
         data = {p: asset_key(root, p) for p in ("data/prepare", "data/evaluator", "data/teacher",
-                                                 "data/distill_data/bold", "data/step_distill")}
+                                                 *(f"data/distill_data/{c}" for c in params["distill_data"]["concepts"]),
+                                                 "data/gan_base", "data/lora/italic", "data/step_distill")}
         assert {k: len(v) for k, v in by_asset.items()} == {
             key: 1 if path == "data/prepare" else 2 for path, key in data.items()}
         latest = max(by_asset[data["data/evaluator"]], key=lambda e: e.occurred)
@@ -175,3 +188,6 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
                                                                   if r.role == "asset"}
         pairs = max(by_asset[data["data/distill_data/bold"]], key=lambda e: e.occurred)
         assert {data["data/teacher"], data["data/prepare"]} <= {r.id for r in pairs.related if r.role == "asset"}
+        editor = max(by_asset[data["data/lora/italic"]], key=lambda e: e.occurred)
+        assert {data["data/gan_base"], data["data/distill_data/italic"]} <= {r.id for r in editor.related
+                                                                            if r.role == "asset"}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bench.pipeline import dvc, scratch_project, stage_env
 from condenser.cli import app
-from condenser.lineage import LineageError, render, trace
+from condenser.lineage import LineageError, read_lock, render, trace
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,26 @@ def test_lineage_of_a_folder_and_of_a_metrics_file(project):
 def test_a_path_no_stage_produced_is_an_error(project):
     with pytest.raises(LineageError, match="produced by no stage.*data/evaluator"):
         trace(project / "params.yaml")
+
+
+def test_commit_comes_from_the_metrics_run_record_else_the_old_manifest(tmp_path):
+    lock = {"stages": {
+        "new": {"cmd": "x", "outs": [{"path": "data/new", "md5": "a.dir"},
+                                     {"path": "metrics/new.json", "md5": "b"}]},
+        "old": {"cmd": "y", "outs": [{"path": "data/old", "md5": "c.dir"},
+                                     {"path": "metrics/old.json", "md5": "d"}]},
+    }}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    for stage in ("new", "old"):
+        (tmp_path / "data" / stage).mkdir(parents=True)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "data/new/manifest.json").write_text(json.dumps({"stage": "new"}))
+    (tmp_path / "metrics/new.json").write_text(json.dumps({"run": {"git_revision": "abc", "wall_time_s": 1}}))
+    # Written before manifests lost the commit: no run record, the commit in the manifest.
+    (tmp_path / "data/old/manifest.json").write_text(json.dumps({"git_revision": "def"}))
+    (tmp_path / "metrics/old.json").write_text(json.dumps({"accuracy": 1.0}))
+    records = read_lock(tmp_path)
+    assert (records["new"].git_revision, records["old"].git_revision) == ("abc", "def")
 
 
 def test_without_dvc_lock_says_run_the_pipeline_first(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from condenser.config import parse_params
 from condenser.data import DataError, load_split
-from condenser.io import StagePaths, md5_path
+from condenser.io import Manifest, StagePaths, md5_path
 from tasks import evaluator, prepare
 from tests.conftest import ROOT, tiny_params, write_params, write_user_folder
 
@@ -22,6 +22,7 @@ def test_prepare_outputs_and_manifest(prepared_root: Path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "prepare" and manifest["seed"] == 0
     assert manifest["params"]["max_images"] == 200 and "torch" in manifest["libraries"]
+    assert not {"git_revision", "wall_time_s"} & set(manifest)  # volatile: in the metrics file instead
     expectations = json.loads((out / "expectations.json").read_text())
     assert expectations["success"] and expectations["evaluated"] >= 10
     metrics = json.loads((prepared_root / "metrics" / "prepare.json").read_text())
@@ -35,6 +36,23 @@ def test_prepare_is_deterministic(prepared_root: Path, tmp_path: Path):
     prepare.run(parse_params(tiny_params()).prepare, StagePaths(tmp_path))
     for name in ("train.safetensors", "train.csv", "test.csv", "meta.json"):
         assert md5_path(tmp_path / "data" / "prepare" / name) == md5_path(prepared_root / "data" / "prepare" / name)
+
+
+def test_prepare_rerun_gives_the_same_output_hash(prepared_root: Path, tmp_path: Path):
+    """A rerun on the same inputs must not change the DVC-hashed folder, or DVC reruns all downstream."""
+    cfg = parse_params(tiny_params()).prepare
+    hashes = []
+    for _ in range(2):
+        prepare.run(cfg, StagePaths(tmp_path))
+        hashes.append(md5_path(tmp_path / "data" / "prepare"))
+    assert hashes[0] == hashes[1] == md5_path(prepared_root / "data" / "prepare")
+    run = json.loads((tmp_path / "metrics" / "prepare.json").read_text())["run"]
+    assert run["git_revision"] and run["wall_time_s"] >= 0
+
+
+def test_manifest_refuses_volatile_extras(tmp_path: Path):
+    with pytest.raises(ValueError, match="wall_time_s"):
+        Manifest("x", tmp_path, {}).write(tmp_path, "thing", wall_time_s=1.0)
 
 
 def test_evaluator_outputs(prepared_root: Path):
