@@ -1,9 +1,10 @@
 """The Prefect flow on a real git + DVC repo under a real (temporary) Prefect server.
 
 One server for the whole story, since starting it costs far more than a tiny flow run: a cold run
-executes every stage (prepare, evaluator, teacher) and publishes lineage; a rerun executes none; a
-changed evaluator param reruns the evaluator and the teacher, not prepare; a bad prepare param fails
-the flow with the stage's own error, and nothing downstream runs.
+executes every stage up to lora@italic and step_distill and publishes lineage (and `condenser lineage`
+walks the merged editor back to prepare); a rerun executes none; a changed evaluator param reruns the
+evaluator and everything downstream, not prepare; a bad prepare param fails the flow with the stage's
+own error, and nothing downstream runs.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
 from bench.pipeline import dvc, scratch_project, stage_env
-from condenser.lineage import trace
+from condenser.cli import app
 from flows.pipeline import asset_key, condenser_pipeline
 
 MATERIALIZED = "prefect.asset.materialization.succeeded"
@@ -133,15 +135,16 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         assert judge_row["commit"] == evaluator["git_revision"]
         assert "expect_column_values_to_be_in_set" in artifacts["prepare-expectations"]
         assert "mean_abs_diff" in artifacts["distill-data-bold-expectations"]
-        # The merged editor traces back through every stage that made it.
-        lineage = trace(root / "data" / "lora" / "italic" / "merged" / "generator.safetensors")
-        assert lineage.output == "data/lora/italic"
-        assert lineage.stages[0].name == "lora@italic"
-        assert {s.name for s in lineage.stages} == {"lora@italic", "gan_base", "teacher", "evaluator", "prepare",
-                                                    *concepts}
-        up = {k: set(v) for k, v in lineage.upstream.items()}
+        # `condenser lineage` on the merged editor walks back through every stage that made it.
+        shown = CliRunner().invoke(app, ["lineage", str(root / "data/lora/italic/merged/generator.safetensors"),
+                                         "--json"])
+        assert shown.exit_code == 0, shown.output
+        lineage = json.loads(shown.output)
+        assert lineage["output"] == "data/lora/italic" and lineage["stages"][0]["name"] == "lora@italic"
+        up = {s["name"]: set(s["upstream"]) for s in lineage["stages"]}
+        assert set(up) == {"lora@italic", "gan_base", "teacher", "evaluator", "prepare", *concepts}
         assert {"gan_base", "distill_data@italic", "teacher"} <= up["lora@italic"]
-        # The base GAN never saw italic: lora -> gan_base -> distill_data -> teacher -> prepare.
+        # lora -> gan_base -> distill_data -> teacher -> prepare; the base GAN never saw italic.
         assert "distill_data@italic" not in up["gan_base"] and "distill_data@bold" in up["gan_base"]
         assert "teacher" in up["distill_data@bold"] and "prepare" in up["teacher"]
 
