@@ -26,16 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from condenser import editor as E  # noqa: E402
-from condenser.distill_data import load_img2img  # noqa: E402
 from condenser.io import StagePaths  # noqa: E402
 from condenser.judge import load_judge  # noqa: E402
+from tasks.lora import _onnx_latency, _teacher_latency  # noqa: E402
 
 GOALS = {"speedup": 100.0, "concept_gap_points": 5.0, "adapter_share": 0.05}
 
 
-def measure(paths: StagePaths, concept: str, repeats: int, teacher_repeats: int, judge, pipe) -> dict:
-    import onnxruntime as ort
-
+def measure(paths: StagePaths, concept: str, repeats: int, teacher_repeats: int, judge) -> dict:
     lora_dir, concept_dir = paths.data("lora", concept), paths.data("distill_data", concept)
     stage = json.loads(paths.metrics("lora", concept).read_text())
     settings = E.concept_settings(concept_dir)
@@ -49,15 +47,10 @@ def measure(paths: StagePaths, concept: str, repeats: int, teacher_repeats: int,
                "lora": E.edit_quality(E.edit_images(editor, heldout.sources, concept, editor.config.concepts),
                                       heldout, judge, settings["head"])}
     one = heldout.sources[:1]
-    session = ort.InferenceSession(str(lora_dir / "merged" / "generator.onnx"), providers=["CPUExecutionProvider"])
-    prompt = settings["prompt"].format(digit="seven", style="bold", color="red")
+    # The stage's own timing code, re-run here: the same calls, timed on this machine now.
     ms = {"gan_pytorch": E.latency_ms(lambda: editor(one), repeats),
-          "gan_onnxruntime": E.latency_ms(lambda: session.run(None, {"image": one.numpy()}), repeats),
-          "teacher_img2img": E.latency_ms(lambda: pipe(prompt=[prompt], image=(one + 1) / 2,
-                                                       strength=settings["strength"],
-                                                       num_inference_steps=settings["steps"],
-                                                       guidance_scale=settings["guidance_scale"],
-                                                       output_type="pt"), teacher_repeats, warmup=1)}
+          "gan_onnxruntime": _onnx_latency(lora_dir / "merged" / "generator.onnx", one, repeats),
+          "teacher_img2img": _teacher_latency(paths, settings, (one + 1) / 2, teacher_repeats)}
     gap = 100 * (quality["teacher"]["concept_accuracy"] - quality["lora"]["concept_accuracy"])
     return {
         "concept": concept, "new_concept": stage["new_concept"], "heldout_pairs": len(heldout),
@@ -136,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               "stages first (dvc repro lora)", file=sys.stderr)
         return 1
     judge, _ = load_judge(paths.data("evaluator"))
-    pipe = load_img2img(paths.data("teacher"))
-    results = [measure(paths, c, args.repeats, args.teacher_repeats, judge, pipe) for c in concepts]
+    results = [measure(paths, c, args.repeats, args.teacher_repeats, judge) for c in concepts]
     print(table(results))
     out = {"threads": torch.get_num_threads(), "goals": GOALS, "concepts": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
