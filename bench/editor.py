@@ -25,10 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from condenser import editor as E  # noqa: E402
-from condenser.io import StagePaths  # noqa: E402
-from condenser.judge import load_judge  # noqa: E402
-from tasks.lora import _onnx_latency, _teacher_latency  # noqa: E402
+from condenser.core.io import StagePaths  # noqa: E402
+from condenser.data.pairs import load_pairs, read_concept  # noqa: E402
+from condenser.distill.distill_data import teacher_edit_latency  # noqa: E402
+from condenser.models.editor import edit_images, load_generator, with_concept  # noqa: E402
+from condenser.models.judge import load_judge  # noqa: E402
+from condenser.quality import edit_quality  # noqa: E402
+from condenser.runtime.measure import latency, onnx_latency  # noqa: E402
 
 GOALS = {"speedup": 100.0, "concept_gap_points": 5.0, "adapter_share": 0.05}
 
@@ -36,25 +39,26 @@ GOALS = {"speedup": 100.0, "concept_gap_points": 5.0, "adapter_share": 0.05}
 def measure(paths: StagePaths, concept: str, repeats: int, teacher_repeats: int, judge) -> dict:
     lora_dir, concept_dir = paths.data("lora", concept), paths.data("distill_data", concept)
     stage = json.loads(paths.metrics("lora", concept).read_text())
-    settings = E.concept_settings(concept_dir)
-    heldout = E.load_pairs(concept_dir, concept, "heldout.safetensors")
-    editor = E.load_generator(lora_dir / "merged")
-    base = E.with_concept(E.load_generator(paths.data("gan_base")), concept)
+    spec = read_concept(concept_dir)
+    heldout = load_pairs(concept_dir, concept, "heldout.safetensors")
+    editor = load_generator(lora_dir / "merged")
+    base = with_concept(load_generator(paths.data("gan_base")), concept)
     names = base.config.concepts
-    quality = {"teacher": E.edit_quality((heldout.edits + 1) / 2, heldout, judge, settings["head"]),
-               "base": E.edit_quality(E.edit_images(base, heldout.sources, concept, names), heldout, judge,
-                                      settings["head"]),
-               "lora": E.edit_quality(E.edit_images(editor, heldout.sources, concept, editor.config.concepts),
-                                      heldout, judge, settings["head"])}
+    quality = {"teacher": edit_quality((heldout.edits + 1) / 2, heldout, judge, spec.head),
+               "base": edit_quality(edit_images(base, heldout.sources, concept, names), heldout, judge, spec.head),
+               "lora": edit_quality(edit_images(editor, heldout.sources, concept, editor.config.concepts),
+                                    heldout, judge, spec.head)}
     one = heldout.sources[:1]
-    # The stage's own timing code, re-run here: the same calls, timed on this machine now.
-    ms = {"gan_pytorch": E.latency_ms(lambda: editor(one), repeats),
-          "gan_onnxruntime": _onnx_latency(lora_dir / "merged" / "generator.onnx", one, repeats),
-          "teacher_img2img": _teacher_latency(paths, settings, (one + 1) / 2, teacher_repeats)}
+    # The library's timing functions, as the lora stage calls them, re-run here on this machine now.
+    timed = {"gan_pytorch": latency(lambda: editor(one), repeats),
+             "gan_onnxruntime": onnx_latency(lora_dir / "merged" / "generator.onnx", {"image": one.numpy()}, repeats),
+             "teacher_img2img": teacher_edit_latency(paths.data("teacher"), spec, (one + 1) / 2, teacher_repeats)}
+    ms = {k: t.median_ms for k, t in timed.items()}
     gap = 100 * (quality["teacher"]["concept_accuracy"] - quality["lora"]["concept_accuracy"])
     return {
         "concept": concept, "new_concept": stage["new_concept"], "heldout_pairs": len(heldout),
         "quality": quality, "full_finetune_quality": stage["heldout"]["full_finetune"], "ms_per_edit": ms,
+        "latency": {k: t.to_dict() for k, t in timed.items()},
         "speedup_pytorch": ms["teacher_img2img"] / ms["gan_pytorch"],
         "speedup_onnxruntime": ms["teacher_img2img"] / ms["gan_onnxruntime"],
         "concept_gap_points": gap, "adapter_share": stage["adapter_share"],

@@ -3,7 +3,7 @@
 `dvc.lock` holds the md5 of every dep and out of every stage that ran; each stage's metrics file
 adds the git revision it ran at (under "run"; older outputs keep it in `manifest.json`). Walking deps
 backwards from any file gives the chain to the raw inputs, the params of every stage on the way and
-the commits, with no server (DESIGN.md, "Lineage"). The file is read as plain YAML, so this needs
+the commits, with no server (docs/architecture.md, "Lineage"). The file is read as plain YAML, so this needs
 neither DVC nor Prefect.
 """
 

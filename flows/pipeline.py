@@ -2,10 +2,11 @@
 
 The DAG is written once, in `dvc.yaml`; this flow reads it from `Repo(root).index.graph` and makes one
 Prefect task per DVC stage, named like the stage, that runs `dvc repro -s <stage>`. DVC decides whether
-the stage runs (it is the cache, so Prefect caching and result persistence stay off); Prefect adds the
+the stage runs (it is the cache, so Prefect caching and result persistence stay off), and the flow asks
+DVC (`dvc status`) whether it will, rather than reading its log; Prefect adds the
 schedule, retries, logs and lineage in the UI. After a stage runs, its outputs are published as asset
 materializations (metadata: md5 from `dvc.lock`, params, metrics, git revision) and as lineage and
-metrics artifacts (DESIGN.md, "Lineage").
+metrics artifacts (docs/architecture.md, "Lineage").
 
     python -m flows.pipeline [STAGE ...] [--force]
 """
@@ -32,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.states import Completed
 
-from condenser.io import git_revision
+from condenser.core.environment import git_revision
 from condenser.lineage import flatten, format_value, read_metrics, stage_record
 
 EXPECTATIONS_FILE = "expectations.json"
@@ -53,6 +54,8 @@ class StageSpec:
     outs: tuple[str, ...]
     artifacts: tuple[str, ...]
     metrics: tuple[str, ...]
+    # Deps some stage produced (or a `.dvc` file tracks): the lineage. The rest (code, a user's folder
+    # outside DVC) is covered by the commit and the md5s in dvc.lock.
     data_deps: tuple[str, ...]
 
 
@@ -79,22 +82,26 @@ def stage_graph(root: Path, targets: list[str] | None = None) -> list[StageSpec]
                 selected |= {up.addressing for up in nx.descendants(graph, stages[name])} & set(stages)
         # Edges point from a stage to its upstream: reversed topological order runs upstream first.
         order = [s.addressing for s in reversed(list(nx.topological_sort(graph))) if s.addressing in selected]
+        # Every output in the project, `.dvc`-tracked raw data included: a dep is data by what made it.
+        produced = {o.def_path for s in graph.nodes for o in s.outs}
         specs = []
         for name in order:
             stage = stages[name]
             upstream = list(graph.successors(stage))
-            produced = {o.def_path for up in upstream for o in up.outs}
             specs.append(StageSpec(
                 name=name,
                 upstream=tuple(sorted(up.addressing for up in upstream if up.addressing in selected)),
                 outs=tuple(o.def_path for o in stage.outs),
                 artifacts=tuple(o.def_path for o in stage.outs if not (o.metric or o.plot)),
                 metrics=tuple(o.def_path for o in stage.outs if o.metric),
-                # Data deps are lineage; code deps are covered by the commit.
                 data_deps=tuple(d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)
-                                and (d.def_path in produced or not d.def_path.endswith(".py"))),
+                                and _inside_any(d.def_path, produced)),
             ))
     return specs
+
+
+def _inside_any(path: str, outs: set[str]) -> bool:
+    return any(path == out or path.startswith(out.rstrip("/") + "/") for out in outs)
 
 
 def asset_key(root: Path, rel: str) -> str:
@@ -107,15 +114,34 @@ def _asset(root: Path, rel: str) -> Asset:
     return Asset(key=asset_key(root, rel), properties=AssetProperties(name=rel))
 
 
-def dvc_repro(root: Path, stage: str, force: bool, log) -> bool:
-    """Run `dvc repro -s stage`, forwarding each output line to `log`; True if the stage executed."""
-    bin_dir = str(Path(sys.executable).parent)
+def _dvc_env() -> dict[str, str]:
     # The stage's `python -m tasks.X` must resolve to this interpreter's venv.
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+
+
+def stage_changes(root: Path, stage: str) -> list:
+    """What DVC finds changed for this one stage (`dvc status --json`): empty when it is up to date.
+
+    Asked after its upstream ran, so a changed upstream output shows as a changed dep here."""
+    cmd = [sys.executable, "-m", "dvc", "status", "--json", stage]
+    done = subprocess.run(cmd, cwd=root, env=_dvc_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageFailed(f"stage {stage}: `dvc status` exited {done.returncode}\n{done.stderr[-2000:]}")
+    lines = done.stdout.strip().splitlines()
+    # DVC may print warnings before the JSON document, which is its last line.
+    return json.loads(lines[-1]).get(stage, []) if lines else []
+
+
+def dvc_repro(root: Path, stage: str, force: bool, log) -> bool:
+    """Run `dvc repro -s stage`, forwarding each output line to `log`; True if the stage executed.
+
+    DVC is asked first whether the stage is out of date: it executes exactly when it is, or when forced.
+    """
+    executed = force or bool(stage_changes(root, stage))
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
-    executed = False
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, cwd=root, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
         for line in proc.stdout:
             line = line.rstrip()
@@ -123,11 +149,11 @@ def dvc_repro(root: Path, stage: str, force: bool, log) -> bool:
                 continue
             log(line)
             tail.append(line)
-            # DVC announces every stage it executes this way; an up-to-date one says "skipping".
-            executed |= line.startswith(f"Running stage '{stage}'")
     if proc.returncode != 0:
         raise StageFailed(f"stage {stage} failed: `{' '.join(cmd[1:])}` exited {proc.returncode}\n"
                           + "\n".join(tail))
+    if executed and stage_changes(root, stage):
+        raise StageFailed(f"stage {stage}: DVC still finds it out of date after `{' '.join(cmd[1:])}`")
     return executed
 
 

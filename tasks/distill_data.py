@@ -1,6 +1,6 @@
 """distill_data — a paired image-editing dataset per concept, distilled from the teacher.
 
-Method: "Distilling GANs from diffusion models for real-time on-device editing" (METHODS.md): the
+Method: "Distilling GANs from diffusion models for real-time on-device editing" (E2GAN): the
 teacher (any StableDiffusionPipeline folder) edits real prepared images by img2img / SDEdit at the
 concept's strength and prompt. Each concept's pairs are validated with Great Expectations (count,
 shapes, ranges, no NaN/inf, no duplicates, the edit changed the image, the digit is kept, the concept
@@ -8,26 +8,27 @@ shows) before anyone trains on them; a failed expectation fails the stage and is
 
 Run per concept, as DVC's foreach does: `python -m tasks.distill_data bold`.
 Outputs: data/distill_data/<concept>/{pairs,heldout}.{safetensors,csv} (train-split and held-out
-test-split sources), expectations.json, manifest.json;
+test-split sources), concept.json (what the concept edits and the teacher's settings: what later stages
+read), expectations.json, manifest.json;
 metrics/distill_data/<concept>.json; plots/distill_data/<concept>.png.
 """
 
 from __future__ import annotations
 
-import csv
-
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
-from condenser.config import DistillDataParams
-from condenser.data import DataError, load_split
-from condenser.distill_data import Pairs, concept_target, load_img2img, make_pairs, pair_expectations, pair_table
-from condenser.io import Manifest, StagePaths, atomic_dir, read_json, write_json
-from condenser.judge import load_judge, predict
-from condenser.plots import save_grid
-from condenser.stage import StageError, stage_main
-from condenser.validation import check
+from condenser.core.config import DistillDataParams
+from condenser.core.errors import DataError, StageError
+from condenser.core.io import StagePaths, read_json, write_json
+from condenser.core.plots import save_grid
+from condenser.core.stage import Stage, stage_main
+from condenser.data.images import load_split
+from condenser.data.pairs import Pairs, save_pairs, write_concept
+from condenser.data.validation import check, pair_expectations, pair_table
+from condenser.distill.distill_data import concept_spec, concept_target, make_pairs
+from condenser.models.judge import load_judge, predict
+from condenser.models.teacher import load_img2img
 
 
 def run(cfg: DistillDataParams, paths: StagePaths, concept: str) -> dict:
@@ -81,43 +82,22 @@ def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: 
         "seconds_per_pair": pairs.seconds_per_pair,
         "expectations": {"evaluated": len(report.results), "failed": 0},
     }
-    manifest = Manifest("distill_data", paths.root, {"concept": concept, **cfg.model_dump(exclude={"concepts"}),
-                                                     **params.model_dump()}, seed=cfg.seed)
-    manifest.add_input(prepared)
-    manifest.add_input(paths.data("evaluator"))
-    manifest.add_input(paths.data("teacher"))
-    with atomic_dir(paths.data("distill_data", concept)) as tmp:
+    stage = Stage("distill_data", paths, {"concept": concept, **cfg.model_dump(exclude={"concepts"}),
+                                          **params.model_dump()}, seed=cfg.seed, item=concept)
+    for p in (prepared, paths.data("evaluator"), paths.data("teacher")):
+        stage.add_input(p)
+    with stage.output(artifact=f"{len(table)} (source, teacher img2img edit) pairs for concept '{concept}', "
+                               f"and {len(tables['heldout'])} held-out pairs") as tmp:
         for name, p in (("pairs", pairs), ("heldout", heldout)):
-            _write_set(tmp, name, p, tables[name], meta)
+            save_pairs(tmp, name, p, tables[name], meta["styles"], meta["colors"])
+        write_concept(tmp, concept_spec(concept, params, cfg.steps, cfg.guidance_scale))
         write_json(tmp / "expectations.json", report.to_dict())
-        manifest.write(tmp, artifact=f"{len(table)} (source, teacher img2img edit) pairs for concept "
-                                     f"'{concept}', and {len(tables['heldout'])} held-out pairs")
     # Rows of eight sources, each followed by the row of their edits.
     n = min(16, len(table)) // 8 * 8 or len(table)
     rows = [part for k in range(0, n, 8) for part in (pairs.sources[k:k + 8], pairs.edits[k:k + 8].clamp(0, 1))]
-    save_grid(torch.cat(rows), paths.plots("distill_data") / f"{concept}.png", nrow=min(8, n))
+    save_grid(torch.cat(rows), stage.plots / f"{concept}.png", nrow=min(8, n))
     # seconds_per_pair varies run to run: metrics file only, not the hashed manifest.
-    metrics["run"] = manifest.run_record()
-    write_json(paths.metrics("distill_data", concept), metrics)
-    return metrics
-
-
-def _write_set(folder, name: str, pairs: Pairs, table, meta: dict) -> None:
-    """`<name>.safetensors` (uint8 images, int64 labels) and `<name>.csv` (one readable row per pair)."""
-    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()  # noqa: E731
-    save_file({"sources": to_uint8(pairs.sources), "edits": to_uint8(pairs.edits), "digit": pairs.digit,
-               "source_style": pairs.source_style, "source_color": pairs.source_color,
-               "target_style": pairs.target_style, "target_color": pairs.target_color},
-              str(folder / f"{name}.safetensors"))
-    with open(folder / f"{name}.csv", "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["index", "source_file", "prompt", "seed", "digit", "source_style", "source_color",
-                         "target_style", "target_color", "mean_abs_diff", "digit_preserved", "concept_shown"])
-        for i, row in table.iterrows():
-            writer.writerow([i, pairs.source_files[i], pairs.prompts[i], pairs.seeds[i], int(pairs.digit[i]),
-                             meta["styles"][int(pairs.source_style[i])], meta["colors"][int(pairs.source_color[i])],
-                             meta["styles"][int(pairs.target_style[i])], meta["colors"][int(pairs.target_color[i])],
-                             round(row["mean_abs_diff"], 6), int(row["digit_preserved"]), int(row["concept_shown"])])
+    return stage.finish(metrics)
 
 
 def main() -> None:

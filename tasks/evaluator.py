@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from condenser.config import EvaluatorParams
-from condenser.data import load_split
-from condenser.io import Manifest, StagePaths, atomic_dir, read_json, write_json
-from condenser.judge import HEADS, JudgeConfig, accuracy, fd, save_judge, train_judge
-from condenser.stage import StageError, stage_main
+from condenser.core.config import EvaluatorParams
+from condenser.core.errors import StageError
+from condenser.core.io import StagePaths, read_json
+from condenser.core.stage import Stage, stage_main
+from condenser.data.images import load_split
+from condenser.models.judge import HEADS, JudgeConfig, save_judge
+from condenser.quality import accuracy, fd
+from condenser.train.judge import train_judge
 
 
 def run(cfg: EvaluatorParams, paths: StagePaths) -> dict:
     prepared = paths.data("prepare")
-    manifest = Manifest("evaluator", paths.root, cfg.model_dump(), seed=cfg.seed)
-    manifest.add_input(prepared)
+    stage = Stage("evaluator", paths, cfg.model_dump(), seed=cfg.seed)
+    stage.add_input(prepared)
     meta = read_json(prepared / "meta.json")
     if not all(meta["labelled"].values()):
         missing = [h for h, ok in meta["labelled"].items() if not ok]
@@ -44,13 +47,10 @@ def run(cfg: EvaluatorParams, paths: StagePaths) -> dict:
         # FD's floor for this data: real validation images against real test images.
         "fd_validation_vs_test": fd(judge, val.float_images(), test.float_images()),
     }
-    with atomic_dir(paths.data("evaluator")) as tmp:
+    # The manifest carries the metrics too: no timings in these, so it is stable on a rerun.
+    with stage.output(artifact="judge classifier (digit, style, colour) in safetensors", metrics=metrics) as tmp:
         save_judge(judge, tmp, styles=meta["styles"], colors=meta["colors"])
-        manifest.write(tmp, artifact="judge classifier (digit, style, colour) in safetensors",
-                       metrics=metrics)  # no timings in these: stable on a rerun
-    metrics["run"] = manifest.run_record()
-    write_json(paths.metrics("evaluator"), metrics)
-    return metrics
+    return stage.finish(metrics)
 
 
 def main() -> None:

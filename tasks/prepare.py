@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condenser.config import PrepareParams
-from condenser.data import SPLITS, DataError, embedded_digits, save_split, split_indices, user_folder
-from condenser.io import Manifest, StagePaths, atomic_dir, write_json
-from condenser.plots import save_grid
-from condenser.stage import stage_main
-from condenser.validation import check, image_table, prepared_expectations
+from condenser.core.config import PrepareParams
+from condenser.core.errors import DataError
+from condenser.core.io import StagePaths, write_json
+from condenser.core.plots import save_grid
+from condenser.core.stage import Stage, stage_main
+from condenser.data.digits import embedded_digits
+from condenser.data.folder import user_folder
+from condenser.data.images import SPLITS, save_split, split_indices
+from condenser.data.validation import check, image_table, prepared_expectations
 
 
 def run(cfg: PrepareParams, paths: StagePaths) -> dict:
-    manifest = Manifest("prepare", paths.root, cfg.model_dump(), seed=cfg.seed)
+    stage = Stage("prepare", paths, cfg.model_dump(), seed=cfg.seed)
 
     # 1. Load or render the images.
     if cfg.source == "digits":
@@ -37,7 +40,7 @@ def run(cfg: PrepareParams, paths: StagePaths) -> dict:
         folder = Path(cfg.folder)
         raw, data = user_folder(folder, cfg.resolution, cfg.styles, cfg.colors)
         groups = np.arange(len(data))
-        manifest.add_input(folder)
+        stage.add_input(folder)
         source = str(folder)
 
     # 2. Split by source scan, so no scan is in two splits.
@@ -56,24 +59,19 @@ def run(cfg: PrepareParams, paths: StagePaths) -> dict:
                         "or change the prepare params, and rerun.")
 
     # 4. Write the splits, atomically.
-    out = paths.data("prepare")
-    with atomic_dir(out) as tmp:
+    with stage.output(artifact=f"captioned images {cfg.resolution}x{cfg.resolution} from {source}") as tmp:
         for name in SPLITS:
             save_split(tmp, name, data.subset(splits[name]))
         write_json(tmp / "expectations.json", report.to_dict())
         write_json(tmp / "meta.json", {"resolution": cfg.resolution, "styles": cfg.styles,
                                        "colors": cfg.colors, "labelled": labelled, "source": source,
                                        "counts": {n: len(splits[n]) for n in SPLITS}})
-        manifest.write(tmp, artifact=f"captioned images {cfg.resolution}x{cfg.resolution} from {source}")
 
     first = torch.as_tensor(np.sort(splits["train"])[:32])
-    save_grid(data.images[first], paths.plots("prepare") / "samples.png", nrow=8)
-    metrics = {"images": {n: len(splits[n]) for n in SPLITS},
-               "expectations": {"evaluated": len(report.results), "failed": len(report.failures)},
-               "classes": {"styles": len(cfg.styles), "colors": len(cfg.colors)},
-               "run": manifest.run_record()}
-    write_json(paths.metrics("prepare"), metrics)
-    return metrics
+    save_grid(data.images[first], stage.plots / "samples.png", nrow=8)
+    return stage.finish({"images": {n: len(splits[n]) for n in SPLITS},
+                         "expectations": {"evaluated": len(report.results), "failed": len(report.failures)},
+                         "classes": {"styles": len(cfg.styles), "colors": len(cfg.colors)}})
 
 
 def main() -> None:

@@ -25,22 +25,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
-from condenser import step_distill as SD
-from condenser import teacher as T
-from condenser.config import StepDistillParams
-from condenser.data import load_split
-from condenser.io import Manifest, StagePaths, atomic_dir, write_json
-from condenser.judge import HEADS, accuracy, fd, load_judge
-from condenser.plots import save_grid
-from condenser.stage import StageError, stage_main
+from condenser.core.config import StepDistillParams
+from condenser.core.errors import StageError
+from condenser.core.io import StagePaths, write_json
+from condenser.core.plots import save_grid
+from condenser.core.stage import Stage, stage_main
+from condenser.data.images import load_split
+from condenser.distill import step_distill as SD
+from condenser.models import teacher as T
+from condenser.models.judge import HEADS, load_judge
+from condenser.quality import accuracy, fd
 
 # The sample grid: this many captions, one row per model.
 GRID_COLUMNS = 8
-# What the student folder tells its users (and the bench) about how to sample it.
-SAMPLING_FILE = "condenser.json"
 
 
 def run(cfg: StepDistillParams, paths: StagePaths) -> dict:
@@ -48,9 +47,9 @@ def run(cfg: StepDistillParams, paths: StagePaths) -> dict:
     if not (teacher_dir / "model_index.json").is_file():
         raise StageError(f"{teacher_dir}: no teacher pipeline (model_index.json missing); run the teacher "
                          "stage first (dvc repro -s teacher)")
-    manifest = Manifest("step_distill", paths.root, cfg.model_dump(), seed=cfg.seed)
+    stage = Stage("step_distill", paths, cfg.model_dump(), seed=cfg.seed)
     for p in (prepared, judge_dir, teacher_dir):
-        manifest.add_input(p)
+        stage.add_input(p)
 
     # 1. Load the teacher, the judge and the data; check the step counts against the teacher's schedule.
     teacher = T.load_checkpoint(teacher_dir)
@@ -58,7 +57,7 @@ def run(cfg: StepDistillParams, paths: StagePaths) -> dict:
     SD.check_steps(scheduler, cfg.teacher_steps)
     judge, _ = load_judge(judge_dir)
     train, val, test = (load_split(prepared, s) for s in ("train", "validation", "test"))
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = stage.accelerator(mixed_precision=cfg.mixed_precision)
     teacher.to(accelerator.device)
 
     # 2. Real training latents (the teacher's VAE, scaled as the pipeline scales them) and captions
@@ -117,23 +116,19 @@ def run(cfg: StepDistillParams, paths: StagePaths) -> dict:
     sampling = {"num_inference_steps": cfg.student_steps, "guidance_scale": 1.0,
                 "distilled_from_steps": cfg.teacher_steps, "distilled_guidance_scale": cfg.guidance_scale,
                 "intermediate_students": sorted(s for s in students if s != cfg.student_steps)}
-    with atomic_dir(paths.data("step_distill")) as tmp:
+    with stage.output(artifact=f"StableDiffusionPipeline, progressive-distilled student: "
+                               f"{cfg.student_steps} DDIM steps, guidance_scale 1", sampling=sampling) as tmp:
         final.save_pretrained(tmp, safe_serialization=True)
         for steps, pipe in students.items():
             if steps != cfg.student_steps:
                 pipe.unet.save_pretrained(tmp / f"student_{steps}" / "unet", safe_serialization=True)
-        write_json(tmp / SAMPLING_FILE, sampling)
-        manifest.write(tmp, artifact=f"StableDiffusionPipeline, progressive-distilled student: "
-                       f"{cfg.student_steps} DDIM steps, guidance_scale 1",
-                       device=str(accelerator.device), sampling=sampling)
-    # The metrics hold timings, so they go to the (uncached) metrics file, not the hashed manifest.
-    metrics["run"] = manifest.run_record()
-    write_json(paths.metrics("step_distill"), metrics)
-    plots = paths.plots("step_distill")
+        write_json(tmp / SD.SAMPLING_FILE, sampling)
     rows = [f"teacher_{cfg.reference_steps}", f"teacher_{cfg.student_steps}", f"student_{cfg.student_steps}"]
-    save_grid(torch.cat([samples[k][:GRID_COLUMNS] for k in rows]), plots / "samples.png", nrow=GRID_COLUMNS)
-    _write_losses(plots / "loss.tsv", [r for _, r in rounds])
-    return metrics
+    save_grid(torch.cat([samples[k][:GRID_COLUMNS] for k in rows]), stage.plots / "samples.png",
+              nrow=GRID_COLUMNS)
+    _write_losses(stage.plots / "loss.tsv", [r for _, r in rounds])
+    # The metrics hold timings, so they go to the (uncached) metrics file, not the hashed manifest.
+    return stage.finish(metrics)
 
 
 def _pipeline(teacher: StableDiffusionPipeline, unet, scheduler) -> StableDiffusionPipeline:

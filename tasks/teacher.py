@@ -21,37 +21,39 @@ import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from condenser import teacher as T
-from condenser.config import TeacherParams
-from condenser.data import load_split
-from condenser.io import Manifest, StagePaths, atomic_dir, write_json
-from condenser.judge import HEADS, accuracy, fd, load_judge
-from condenser.plots import save_grid
-from condenser.stage import stage_main
+from condenser.core.config import TeacherParams
+from condenser.core.io import StagePaths
+from condenser.core.plots import save_grid
+from condenser.core.stage import Stage, stage_main
+from condenser.data.images import load_split
+from condenser.models import teacher as T
+from condenser.models.common import parameter_count
+from condenser.models.judge import HEADS, load_judge
+from condenser.quality import accuracy, fd
+from condenser.train.teacher import latent_scaling_factor, train_unet, train_vae
 
 SAMPLES_PER_DIGIT = 8
 
 
 def run(cfg: TeacherParams, paths: StagePaths) -> dict:
     prepared, judge_dir = paths.data("prepare"), paths.data("evaluator")
-    manifest = Manifest("teacher", paths.root, cfg.model_dump(), seed=cfg.seed)
+    stage = Stage("teacher", paths, cfg.model_dump(), seed=cfg.seed)
     for p in (prepared, judge_dir):
-        manifest.add_input(p)
+        stage.add_input(p)
 
     # 1. Load the model to train or pass on: a checkpoint is checked before any long work.
     if cfg.checkpoint is not None:
         pipe = T.load_checkpoint(cfg.checkpoint)
-        manifest.add_input(cfg.checkpoint)
+        stage.add_input(cfg.checkpoint)
     train, val, test = (load_split(prepared, s) for s in ("train", "validation", "test"))
     judge, _ = load_judge(judge_dir)
     if cfg.checkpoint is None:
         text_encoder, tokenizer = T.load_text_encoder(cfg.text_encoder, cfg.max_caption_tokens)
         set_seed(cfg.seed)
         pipe = T.build_pipeline(cfg, train.images.shape[-1], text_encoder, tokenizer)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = stage.accelerator(mixed_precision=cfg.train.mixed_precision)
     pipe.to(accelerator.device)
     resolution = T.resolution_of(pipe)
     images = train.float_images()
@@ -63,13 +65,13 @@ def run(cfg: TeacherParams, paths: StagePaths) -> dict:
     vae_result = unet_result = None
     started = time.perf_counter()
     if cfg.mode == "train":
-        vae_result = T.train_vae(pipe.vae, images, cfg.vae, cfg.seed, accelerator)
+        vae_result = train_vae(pipe.vae, images, cfg.vae, cfg.seed, accelerator)
     if cfg.mode in ("train", "finetune"):
         latents = T.encode_latents(pipe.vae, images)
         if cfg.mode == "train":
-            pipe.vae.register_to_config(scaling_factor=T.latent_scaling_factor(*latents))
+            pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(*latents))
         captions = T.encode_captions(pipe.text_encoder, pipe.tokenizer, train.captions)
-        unet_result = T.train_unet(pipe.unet, pipe.scheduler, latents, pipe.vae.config.scaling_factor,
+        unet_result = train_unet(pipe.unet, pipe.scheduler, latents, pipe.vae.config.scaling_factor,
                                    captions, cfg.train, cfg.seed, accelerator)
     train_time = time.perf_counter() - started
 
@@ -101,24 +103,19 @@ def run(cfg: TeacherParams, paths: StagePaths) -> dict:
             "unet_steps_per_s": unet_result.steps_per_s if unet_result else 0.0,
             "unet_final_loss": _tail_mean(unet_result.losses) if unet_result else None,
         },
-        "parameters": {"unet": T.parameter_count(pipe.unet), "vae": T.parameter_count(pipe.vae),
-                       "text_encoder": T.parameter_count(pipe.text_encoder)},
+        "parameters": {"unet": parameter_count(pipe.unet), "vae": parameter_count(pipe.vae),
+                       "text_encoder": parameter_count(pipe.text_encoder)},
         "device": str(accelerator.device),
     }
 
     # 4. Write the pipeline, atomically, then the metrics and plots.
-    with atomic_dir(paths.data("teacher")) as tmp:
+    with stage.output(artifact=f"StableDiffusionPipeline {resolution}x{resolution} "
+                      f"({cfg.mode}{', from ' + cfg.checkpoint if cfg.checkpoint else ''})") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        manifest.write(tmp, artifact=f"StableDiffusionPipeline {resolution}x{resolution} "
-                       f"({cfg.mode}{', from ' + cfg.checkpoint if cfg.checkpoint else ''})",
-                       device=str(accelerator.device))
+    save_grid(_by_digit(generated, asked["digit"]), stage.plots / "samples.png", nrow=SAMPLES_PER_DIGIT)
+    _write_losses(stage.plots / "loss.tsv", unet_result.losses if unet_result else [])
     # The metrics hold timings, so they go to the (uncached) metrics file, not the hashed manifest.
-    metrics["run"] = manifest.run_record()
-    write_json(paths.metrics("teacher"), metrics)
-    plots = paths.plots("teacher")
-    save_grid(_by_digit(generated, asked["digit"]), plots / "samples.png", nrow=SAMPLES_PER_DIGIT)
-    _write_losses(plots / "loss.tsv", unet_result.losses if unet_result else [])
-    return metrics
+    return stage.finish(metrics)
 
 
 def _tail_mean(losses: list[float], last: int = 100) -> float:

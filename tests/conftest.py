@@ -42,6 +42,10 @@ TINY_PARAMS = {
     "lora": {"seed": 0, "concepts": ["bold", "italic"], "probe_steps": 5, "crucial_layers": 2, "ranks": [1, 4],
              "data_fractions": [0.5, 1.0], "tolerance_db": 0.5, "steps": 40, "batch_size": 8, "lr": 0.005,
              "full_lr": 0.001, "disc_lr": 0.0005, "latency_repeats": 5, "teacher_latency_repeats": 1},
+    # The deliverables the tiny lora concepts make.
+    "deliverables": {"student": {"kind": "sd_unet", "path": "data/step_distill"},
+                     "editor_bold": {"kind": "gan_editor", "path": "data/lora/bold/merged"},
+                     "editor_italic": {"kind": "gan_editor", "path": "data/lora/italic/merged"}},
     "step_distill": {"seed": 0, "teacher_steps": 8, "student_steps": 2, "guidance_scale": 3.0,
                      "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
                      "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},
@@ -84,8 +88,8 @@ def _offline():
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory) -> Path:
     """A project folder with tiny prepare and evaluator outputs, shared read-only by stage tests."""
-    from condenser.config import parse_params
-    from condenser.io import StagePaths
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
     from tasks import evaluator, prepare
 
     root = tmp_path_factory.mktemp("prepared")
@@ -101,12 +105,32 @@ def teacher_root(prepared_root: Path, tmp_path_factory) -> Path:
     """A copy of `prepared_root` with a tiny trained teacher in data/teacher."""
     import shutil
 
-    from condenser.config import parse_params
-    from condenser.io import StagePaths
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
     from tasks import teacher
 
     root = tmp_path_factory.mktemp("with_teacher")
     for sub in ("data", "metrics", "plots"):
         shutil.copytree(prepared_root / sub, root / sub)
     teacher.run(parse_params(tiny_params()).teacher, StagePaths(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def editor_root(teacher_root: Path, tmp_path_factory) -> Path:
+    """teacher_root's data plus tiny distill_data pairs for every concept and a tiny base GAN."""
+    import shutil
+
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
+    from tasks import distill_data, gan_base
+
+    root = tmp_path_factory.mktemp("editor")
+    for sub in ("data", "metrics", "plots"):
+        shutil.copytree(teacher_root / sub, root / sub)
+    shutil.rmtree(root / "data" / "distill_data", ignore_errors=True)
+    params = parse_params(tiny_params())
+    for concept in params.distill_data.concepts:
+        distill_data.run(params.distill_data, StagePaths(root), concept)
+    gan_base.run(params.gan_base, StagePaths(root))
     return root

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from condenser.config import ConfigError, load_params, parse_params
+from condenser.core.config import EMBEDDED_COLORS, EMBEDDED_STYLES, ConfigError, Params, load_params, parse_params
 from tests.conftest import ROOT, tiny_params, write_params
 
 
@@ -52,3 +52,49 @@ def test_folder_source_needs_folder():
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_params_yaml_spells_out_the_defaults():
+    """One source of each default: the config models. params.yaml writes the same values out (DVC reads
+    the file itself), so the two must never disagree."""
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_the_embedded_vocabulary_is_what_the_renderer_draws():
+    from condenser.data.digits import COLORS_RGB, STYLES
+
+    assert tuple(COLORS_RGB) == EMBEDDED_COLORS and STYLES == EMBEDDED_STYLES
+    raw = tiny_params()
+    raw["prepare"]["colors"] = ["red", "teal"]
+    with pytest.raises(ConfigError, match="prepare.colors: teal cannot be rendered"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("teacher", "vae", {"channels": [8, 16, 32], "norm_num_groups": 8}, None),
+    ("teacher", "unet", {"channels": [12, 32], "norm_num_groups": 8},
+     r"teacher.unet.channels \[12\] are not multiples"),
+    ("prepare", "resolution", 17, r"teacher.vae.channels: 2 blocks halve the image 1 times, which does not divide "
+                                  r"prepare.resolution 17"),
+    ("step_distill", "teacher_steps", 2048, r"step_distill.teacher_steps \(2048\) exceeds"),
+])
+def test_cross_section_rules_fail_at_load_time(section, key, value, message):
+    raw = tiny_params()
+    raw[section][key] = value
+    if message is None:  # a fitting change passes
+        parse_params(raw)
+        return
+    if section == "step_distill":
+        raw["step_distill"]["student_steps"] = 2
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_a_deliverable_needs_the_stage_that_makes_it():
+    raw = tiny_params()
+    raw["deliverables"]["editor_thin"] = {"kind": "gan_editor", "path": "data/lora/thin/merged"}
+    with pytest.raises(ConfigError, match=r"deliverables.editor_thin.path: .*'thin' is not in lora.concepts"):
+        parse_params(raw)
+    raw["deliverables"]["editor_thin"] = {"kind": "gan_unet", "path": "data/x"}
+    with pytest.raises(ConfigError, match=r"deliverables.editor_thin.kind"):
+        parse_params(raw)

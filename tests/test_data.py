@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from condenser.data import (DataError, caption, embedded_digits, load_split, render, save_split,
-                            split_indices, user_folder)
+from condenser.core.errors import DataError
+from condenser.data.digits import embedded_digits, render
+from condenser.data.folder import user_folder
+from condenser.data.images import caption, load_split, save_split, split_indices
 from tests.conftest import write_user_folder
 
 

@@ -8,12 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from condenser.config import parse_params
-from condenser.data import DataError, load_split
-from condenser.distill_data import load_img2img, make_pairs
-from condenser.io import StagePaths
+from condenser.core.config import ConfigError, parse_params
+from condenser.core.errors import DataError
+from condenser.core.io import StagePaths
+from condenser.data.images import load_split
+from condenser.distill.distill_data import make_pairs
+from condenser.models.teacher import load_img2img
 from tasks import distill_data
 from tests.conftest import tiny_params
+
 
 def _cfg(**checks):
     # TINY_PARAMS's floors are 0: a tiny teacher edits badly, and the judge-based floors are the
@@ -97,11 +100,11 @@ def test_concept_floor_fails_the_suite(teacher_root: Path, pairs, heldout):
                                  replace(pairs, edits=pairs.sources.clone() * 0.5), heldout)
 
 
-def test_unknown_concept_target_is_named(teacher_root: Path):
+def test_unknown_concept_target_is_named_when_params_load():
     raw = tiny_params()
     raw["distill_data"]["concepts"]["wavy"] = {"style": "wavy"}
-    with pytest.raises(DataError, match=r"distill_data.concepts.wavy.style: 'wavy'"):
-        distill_data.run(parse_params(raw).distill_data, StagePaths(teacher_root), "wavy")
+    with pytest.raises(ConfigError, match=r"distill_data.concepts.wavy.style: 'wavy' is not one of prepare.styles"):
+        parse_params(raw)
 
 
 def test_concept_must_edit_one_attribute():

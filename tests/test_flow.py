@@ -16,7 +16,7 @@ import time
 
 import pytest
 import yaml
-from conftest import tiny_params
+from conftest import ROOT, tiny_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
@@ -194,3 +194,15 @@ def test_flow_runs_dvc_stages_and_publishes_lineage(tmp_path, monkeypatch):
         editor = max(by_asset[data["data/lora/italic"]], key=lambda e: e.occurred)
         assert {data["data/gan_base"], data["data/distill_data/italic"]} <= {r.id for r in editor.related
                                                                             if r.role == "asset"}
+
+
+def test_stage_graph_tells_data_deps_by_what_produced_them():
+    """Deps some stage made are lineage (asset deps); code folders and files are covered by the commit."""
+    from flows.pipeline import stage_graph
+
+    specs = {s.name: s for s in stage_graph(ROOT, ["lora@italic"])}
+    assert set(specs["lora@italic"].data_deps) == {"data/distill_data/italic", "data/gan_base", "data/evaluator",
+                                                   "data/teacher"}
+    assert specs["prepare"].data_deps == ()
+    assert set(specs["gan_base"].upstream) == {"evaluator", "distill_data@bold", "distill_data@thin",
+                                               "distill_data@recolor_blue"}

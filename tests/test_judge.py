@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condenser.data import load_split
-from condenser.judge import HEADS, accuracy, fd, frechet_distance, load_judge, predict
+from condenser.data.images import load_split
+from condenser.models.judge import HEADS, load_judge, predict
+from condenser.quality import accuracy, fd, frechet_distance
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
@@ -54,8 +55,8 @@ def test_unknown_labels_are_skipped(prepared_root: Path):
 
 def test_judge_quality_floor_on_all_digits(tmp_path: Path):
     """The judge the metrics rely on: on every bundled scan (one rendering each), digits >= 90%."""
-    from condenser.config import parse_params
-    from condenser.io import StagePaths
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
     from tasks import evaluator, prepare
     from tests.conftest import tiny_params
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from condenser.config import parse_params
-from condenser.data import DataError, load_split
-from condenser.io import Manifest, StagePaths, md5_path
+from condenser.core.config import parse_params
+from condenser.core.errors import DataError
+from condenser.core.io import StagePaths, md5_path
+from condenser.core.stage import Stage
+from condenser.data.images import load_split
 from tasks import evaluator, prepare
 from tests.conftest import ROOT, tiny_params, write_params, write_user_folder
 
@@ -51,8 +53,37 @@ def test_prepare_rerun_gives_the_same_output_hash(prepared_root: Path, tmp_path:
 
 
 def test_manifest_refuses_volatile_extras(tmp_path: Path):
+    stage = Stage("x", StagePaths(tmp_path), {})
     with pytest.raises(ValueError, match="wall_time_s"):
-        Manifest("x", tmp_path, {}).write(tmp_path, "thing", wall_time_s=1.0)
+        with stage.output("thing", wall_time_s=1.0):
+            pass
+    assert not (tmp_path / "data" / "x").exists()
+
+
+def test_stage_contract_writes_manifest_metrics_and_run_record(tmp_path: Path):
+    """One Stage: the output folder appears only when its block succeeds, with a manifest holding the
+    inputs' md5, params, seed and device; the metrics file gets the run record (commit, wall time,
+    machine, libraries), which never enters the hashed manifest."""
+    (tmp_path / "input.txt").write_text("x")
+    stage = Stage("demo", StagePaths(tmp_path), {"knob": 1}, seed=3, item="one")
+    stage.add_input(tmp_path / "input.txt")
+    with pytest.raises(RuntimeError):
+        with stage.output("a thing") as tmp:
+            (tmp / "half-written").write_text("")
+            raise RuntimeError("the stage failed")
+    assert not (tmp_path / "data" / "demo").exists() or not any((tmp_path / "data" / "demo").iterdir())
+    with stage.output("a thing", extra_note="kept") as tmp:
+        (tmp / "artifact.bin").write_bytes(b"1")
+    manifest = json.loads((tmp_path / "data" / "demo" / "one" / "manifest.json").read_text())
+    assert manifest["inputs"] == {"input.txt": md5_path(tmp_path / "input.txt")}
+    assert (manifest["params"], manifest["seed"], manifest["device"], manifest["extra_note"]) == ({"knob": 1}, 3,
+                                                                                                   "cpu", "kept")
+    assert "torch" in manifest["libraries"] and not set(manifest) & {"git_revision", "wall_time_s", "machine"}
+    metrics = stage.finish({"score": 1.0})
+    saved = json.loads((tmp_path / "metrics" / "demo" / "one.json").read_text())
+    assert saved == json.loads(json.dumps(metrics)) and saved["score"] == 1.0
+    assert saved["run"]["machine"]["cores"] >= 1 and saved["run"]["machine"]["cpu"]
+    assert saved["run"]["machine"]["torch_threads"] >= 1 and "torch" in saved["run"]["libraries"]
 
 
 def test_evaluator_outputs(prepared_root: Path):
@@ -68,6 +99,10 @@ def test_evaluator_outputs(prepared_root: Path):
 def _user_folder_params(folder: Path) -> dict:
     raw = tiny_params()
     raw["prepare"].update(source="folder", folder=str(folder), styles=["plain"], colors=["red"])
+    # Concepts must edit an attribute the user's labels have (checked when params load): one colour edit.
+    raw["distill_data"]["concepts"] = {"redden": {"color": "red", "pairs": 4, "heldout": 4}}
+    raw["gan_base"]["concepts"] = raw["lora"]["concepts"] = ["redden"]
+    raw["deliverables"] = {"editor_redden": {"kind": "gan_editor", "path": "data/lora/redden/merged"}}
     return raw
 
 

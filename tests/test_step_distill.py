@@ -13,11 +13,11 @@ from conftest import tiny_params
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from condenser import step_distill as SD
-from condenser import teacher as T
-from condenser.config import ConfigError, parse_params
-from condenser.data import load_split
-from condenser.io import StagePaths, read_json
+from condenser.core.config import ConfigError, parse_params
+from condenser.core.io import StagePaths, read_json
+from condenser.data.images import load_split
+from condenser.distill import step_distill as SD
+from condenser.models import teacher as T
 from tasks import step_distill as stage
 
 CAPTIONS = ["a bold red handwritten seven", "a thin blue handwritten two"]
@@ -117,7 +117,7 @@ def test_stage_writes_student_manifest_metrics_and_plots(distilled_root):
     for part in T.PIPELINE_PARTS:
         assert (out / part).exists(), part
     assert list((out / "student_4" / "unet").glob("*.safetensors"))
-    sampling = read_json(out / stage.SAMPLING_FILE)
+    sampling = read_json(out / SD.SAMPLING_FILE)
     assert sampling["num_inference_steps"] == 2 and sampling["guidance_scale"] == 1.0
     manifest = read_json(out / "manifest.json")
     assert set(manifest["inputs"]) == {"data/prepare", "data/evaluator", "data/teacher"}
@@ -148,7 +148,7 @@ def test_stage_writes_student_manifest_metrics_and_plots(distilled_root):
 
 def test_student_folder_loads_offline_and_samples_at_its_step_count(distilled_root):
     out = distilled_root / "data" / "step_distill"
-    sampling = read_json(out / stage.SAMPLING_FILE)
+    sampling = read_json(out / SD.SAMPLING_FILE)
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)

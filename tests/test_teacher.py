@@ -11,10 +11,11 @@ from conftest import tiny_params
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from condenser import teacher as T
-from condenser.config import ConfigError, parse_params
-from condenser.data import load_split
-from condenser.io import StagePaths, read_json
+from condenser.core.config import ConfigError, parse_params
+from condenser.core.io import StagePaths, read_json
+from condenser.data.images import load_split
+from condenser.models import teacher as T
+from condenser.train.teacher import latent_scaling_factor, train_unet
 from tasks import teacher as stage
 
 
@@ -116,8 +117,8 @@ def _tiny_training_run(prepared_root: Path, steps: int):
     images = train.float_images() * 2 - 1
     latents = T.encode_latents(pipe.vae, images)
     captions = T.encode_captions(text_encoder, tokenizer, train.captions)
-    return T.train_unet(pipe.unet, pipe.scheduler, latents, T.latent_scaling_factor(*latents), captions,
-                        cfg.train, cfg.seed, Accelerator(cpu=True))
+    return train_unet(pipe.unet, pipe.scheduler, latents, latent_scaling_factor(*latents), captions,
+                      cfg.train, cfg.seed, Accelerator(cpu=True))
 
 
 def test_training_lowers_the_loss_and_repeats_exactly(prepared_root):

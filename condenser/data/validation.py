@@ -6,6 +6,7 @@ a report whose failures name the expectation and the offending rows by their `fi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -13,8 +14,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from condenser.data import ImageSet
+from condenser.core.config import PairChecks
+from condenser.data.images import ImageSet
+from condenser.data.pairs import Pairs
 
 
 @dataclass
@@ -108,3 +112,49 @@ def prepared_expectations(resolution: int, n_styles: int, n_colors: int, labelle
         if labelled[head]:
             expectations.append(E.ExpectColumnDistinctValuesToContainSet(column=head, value_set=values))
     return expectations
+
+
+def pair_table(pairs: Pairs, judged: dict[str, torch.Tensor], head: str, label: str = "pair") -> pd.DataFrame:
+    """One row per pair, named `<label> <i> (<source file>)`: the statistics the pair suite checks, with
+    judge verdicts on the edit."""
+    edits = pairs.edits.double()
+    flat = edits.flatten(1)
+    finite = torch.isfinite(flat)
+    diff = (torch.nan_to_num(edits, nan=0.0) - pairs.sources.double()).abs().flatten(1).mean(1)
+    target = pairs.target_style if head == "style" else pairs.target_color
+    pair_hash = [hashlib.md5(s.numpy().tobytes() + e.numpy().tobytes()).hexdigest()
+                 for s, e in zip((pairs.sources * 255).round().to(torch.uint8),
+                                 (torch.nan_to_num(pairs.edits).clamp(0, 1) * 255).round().to(torch.uint8))]
+    return pd.DataFrame({
+        "file": [f"{label} {i} ({f})" for i, f in enumerate(pairs.source_files)],
+        "pair_hash": pair_hash,
+        "prompt": pairs.prompts,
+        "channels": edits.shape[1], "height": edits.shape[2], "width": edits.shape[3],
+        "nonfinite_count": (~finite).sum(1).numpy(),
+        "min": torch.where(finite, flat, torch.inf).min(1).values.numpy(),
+        "max": torch.where(finite, flat, -torch.inf).max(1).values.numpy(),
+        "mean_abs_diff": diff.numpy(),
+        "digit_preserved": (judged["digit"] == pairs.digit).numpy().astype(float),
+        "concept_shown": (judged[head] == target).numpy().astype(float),
+    })
+
+
+def pair_expectations(n: int, resolution: int, checks: PairChecks) -> list:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectTableRowCountToEqual(value=n),
+        E.ExpectColumnValuesToBeInSet(column="channels", value_set=[3]),
+        E.ExpectColumnValuesToBeInSet(column="height", value_set=[resolution]),
+        E.ExpectColumnValuesToBeInSet(column="width", value_set=[resolution]),
+        E.ExpectColumnValuesToBeBetween(column="nonfinite_count", min_value=0, max_value=0),
+        E.ExpectColumnValuesToBeBetween(column="min", min_value=0, max_value=1),
+        E.ExpectColumnValuesToBeBetween(column="max", min_value=0, max_value=1),
+        E.ExpectColumnValuesToBeUnique(column="pair_hash"),
+        # An edit that changed nothing (or everything) is no edit: bounds from distill_data.checks.
+        E.ExpectColumnValuesToBeBetween(column="mean_abs_diff", min_value=checks.min_mean_abs_diff,
+                                        max_value=checks.max_mean_abs_diff),
+        E.ExpectColumnMeanToBeBetween(column="digit_preserved", min_value=checks.min_digit_agreement),
+        E.ExpectColumnMeanToBeBetween(column="concept_shown", min_value=checks.min_concept_accuracy),
+    ]

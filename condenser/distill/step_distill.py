@@ -1,4 +1,4 @@
-"""Progressive step distillation of a guided text-to-image diffusion model.
+"""step_distill: progressive step distillation of a guided text-to-image diffusion model.
 
 Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models": a student is
 trained so that one of its DDIM steps lands where two DDIM steps of its teacher land; the student of one
@@ -25,8 +25,12 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from condenser.config import ConfigError, StepDistillParams
-from condenser.teacher import Captions
+from condenser.core.config import StepDistillParams
+from condenser.core.errors import ConfigError
+from condenser.models.teacher import Captions
+
+# Written into the student's folder: how to sample it (steps, guidance), for its users and the bench.
+SAMPLING_FILE = "condenser.json"
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 Every section is a pydantic model with `extra="forbid"`, so a mistyped key is an error that names the
 key before any work starts. One loader (`load_params`) reads the YAML; stages take their own section.
+Each default is written once, here, and `params.yaml` spells out the same values (a test holds them
+equal). Every rule that spans sections (a concept the judge cannot check, a lora concept with no
+pairs, a deliverable no stage makes, `dvc.yaml` deps out of step with `gan_base.concepts`) is checked
+when the file is loaded, before any stage works.
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from condenser.core.errors import ConfigError
+
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the file, the key and the fix."""
+DVC_FILE = "dvc.yaml"
+# What the embedded default (condenser.data.digits) can render; a user folder may use any labels.
+EMBEDDED_STYLES = ("plain", "bold", "thin", "italic")
+EMBEDDED_COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
+# The deliverable kinds condenser.deliverables knows (a test holds the two lists equal).
+DeliverableKind = Literal["sd_unet", "gan_editor"]
+Precision = Literal["no", "fp16", "bf16"]
+LrSchedule = Literal["constant", "cosine", "linear"]
 
 
 class Section(BaseModel):
@@ -46,6 +56,13 @@ class PrepareParams(Section):
         if self.source == "folder" and not self.folder:
             raise ValueError("prepare.source is 'folder' but prepare.folder is empty: set prepare.folder "
                              "to a directory holding images and captions.csv")
+        if self.source == "digits":
+            for key, names, known in (("styles", self.styles, EMBEDDED_STYLES),
+                                      ("colors", self.colors, EMBEDDED_COLORS)):
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise ValueError(f"prepare.{key}: {', '.join(unknown)} cannot be rendered by the "
+                                     f"embedded default; choose from {', '.join(known)}")
         return self
 
 
@@ -83,7 +100,7 @@ class TrainParams(Section):
     steps: int = Field(1000, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1.5e-3, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    lr_schedule: LrSchedule = "cosine"
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
@@ -93,7 +110,7 @@ class TrainParams(Section):
     snr_gamma: float | None = Field(5.0, gt=0)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Precision = "no"
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> TrainParams:
@@ -146,7 +163,7 @@ class ConceptParams(Section):
     # {digit}, {style} and {color} are filled from the source image, with the concept's target.
     prompt: str = "a {style} {color} handwritten {digit}"
     strength: float = Field(0.6, gt=0, le=1)
-    pairs: int = Field(96, ge=4)
+    pairs: int = Field(320, ge=4)
     # Edits of held-out test-split sources: the reference the GAN editors are scored against.
     heldout: int = Field(64, ge=4)
 
@@ -169,7 +186,7 @@ class PairChecks(Section):
 class DistillDataParams(Section):
     seed: int = 0
     steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(2.0, ge=1)
+    guidance_scale: float = Field(4.0, ge=1)
     batch_size: int = Field(32, ge=1)
     checks: PairChecks = PairChecks()
     concepts: dict[str, ConceptParams] = {
@@ -191,9 +208,9 @@ class StepDistillParams(Section):
     train_steps_per_round: int = Field(60, ge=0)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "linear"
+    lr_schedule: LrSchedule = "linear"
     warmup_steps: int = Field(10, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Precision = "no"
     # The teacher's sampler the student is scored against (with CFG), in the same run.
     reference_steps: int = Field(50, ge=1)
     eval_images: int = Field(320, ge=8)
@@ -238,7 +255,7 @@ class GanBaseParams(Section):
     # pix2pix's objective: L1 to the teacher's edit, weighted against the adversarial loss.
     l1_weight: float = Field(100.0, ge=0)
     adv_weight: float = Field(1.0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Precision = "no"
 
 
 class LoraParams(Section):
@@ -271,6 +288,19 @@ class LoraParams(Section):
         return self
 
 
+class DeliverableParams(Section):
+    """A model the compression stages work on: its kind (condenser.deliverables) and its folder."""
+
+    kind: DeliverableKind
+    path: str
+
+
+def _default_deliverables() -> dict[str, DeliverableParams]:
+    return {"student": DeliverableParams(kind="sd_unet", path="data/step_distill"),
+            **{f"editor_{c}": DeliverableParams(kind="gan_editor", path=f"data/lora/{c}/merged")
+               for c in LoraParams().concepts}}
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     evaluator: EvaluatorParams = EvaluatorParams()
@@ -279,6 +309,8 @@ class Params(Section):
     step_distill: StepDistillParams = StepDistillParams()
     gan_base: GanBaseParams = GanBaseParams()
     lora: LoraParams = LoraParams()
+    # What sparse / quantize / validate work on: name -> kind + folder.
+    deliverables: dict[str, DeliverableParams] = Field(default_factory=_default_deliverables)
 
     @model_validator(mode="after")
     def _concepts_exist(self) -> Params:
@@ -288,6 +320,50 @@ class Params(Section):
             if unknown:
                 raise ValueError(f"{key}.concepts: {', '.join(unknown)} not in distill_data.concepts "
                                  f"({', '.join(known)}); add them there first, their pairs train the GAN")
+        return self
+
+    @model_validator(mode="after")
+    def _concepts_judgeable(self) -> Params:
+        # The judge can only check an attribute it was trained on: prepare's styles and colours.
+        for name, concept in self.distill_data.concepts.items():
+            head, value, vocab = (("style", concept.style, self.prepare.styles) if concept.style is not None
+                                  else ("color", concept.color, self.prepare.colors))
+            if value not in vocab:
+                raise ValueError(f"distill_data.concepts.{name}.{head}: '{value}' is not one of "
+                                 f"prepare.{head}s ({', '.join(vocab)}); the judge can only check "
+                                 "attributes it was trained on")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_fits_data(self) -> Params:
+        if self.teacher.mode != "train":
+            return self  # a checkpoint brings its own sizes and schedule, checked when it loads
+        vae, unet = self.teacher.vae, self.teacher.unet
+        halvings = len(vae.channels) - 1
+        if self.prepare.resolution % 2 ** halvings:
+            raise ValueError(f"teacher.vae.channels: {len(vae.channels)} blocks halve the image {halvings} "
+                             f"times, which does not divide prepare.resolution {self.prepare.resolution}; "
+                             "use fewer blocks or another resolution")
+        for key, section in (("vae", vae), ("unet", unet)):
+            bad = [c for c in section.channels if c % section.norm_num_groups]
+            if bad:
+                raise ValueError(f"teacher.{key}.channels {bad} are not multiples of teacher.{key}."
+                                 f"norm_num_groups ({section.norm_num_groups}); change one of them")
+        if self.step_distill.teacher_steps > self.teacher.train.num_train_timesteps:
+            raise ValueError(f"step_distill.teacher_steps ({self.step_distill.teacher_steps}) exceeds the "
+                             f"teacher's teacher.train.num_train_timesteps "
+                             f"({self.teacher.train.num_train_timesteps}); lower it")
+        return self
+
+    @model_validator(mode="after")
+    def _deliverables_made(self) -> Params:
+        # An editor deliverable under data/lora/<concept>/ needs that concept's lora stage.
+        for name, d in self.deliverables.items():
+            parts = Path(d.path).parts
+            if parts[:2] == ("data", "lora") and len(parts) > 2 and parts[2] not in self.lora.concepts:
+                raise ValueError(f"deliverables.{name}.path: {d.path} is made by lora@{parts[2]}, but "
+                                 f"'{parts[2]}' is not in lora.concepts ({', '.join(self.lora.concepts)}); "
+                                 "add it there or remove the deliverable")
         return self
 
 
@@ -310,6 +386,7 @@ def parse_params(raw: dict, source: str = PARAMS_FILE) -> Params:
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and check params.yaml, and the `dvc.yaml` beside it (when there is one) against it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the project root, where params.yaml lives")
@@ -319,4 +396,22 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage name to parameters")
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    check_dvc_yaml(params, path.parent / DVC_FILE)
+    return params
+
+
+def check_dvc_yaml(params: Params, dvc_file: Path) -> None:
+    """dvc.yaml must list exactly the base concepts' pair folders as gan_base deps (DVC cannot expand a
+    params list into deps), or DVC would rerun gan_base for the wrong changes and miss the right ones."""
+    dvc_file = Path(dvc_file)
+    if not dvc_file.is_file():
+        return  # outside a DVC project (a test, a notebook): nothing to keep in step
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    deps = stages.get("gan_base", {}).get("deps", [])
+    listed = {d.removeprefix("data/distill_data/") for d in deps
+              if isinstance(d, str) and d.startswith("data/distill_data/")}
+    if "gan_base" in stages and listed != set(params.gan_base.concepts):
+        raise ConfigError(f"{dvc_file}: stages.gan_base.deps list the pairs of {sorted(listed)} but "
+                          f"params.yaml gan_base.concepts is {sorted(params.gan_base.concepts)}; list "
+                          "data/distill_data/<concept> for exactly the gan_base concepts")

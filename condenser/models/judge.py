@@ -1,14 +1,13 @@
-"""The judge: a small classifier of digit, style and colour, and the metrics built on it.
+"""The judge: a small classifier of digit, style and colour.
 
 It plays the role FID's Inception network and CLIP play for Stable Diffusion: its penultimate features
 give a Fréchet distance (FD) between generated and real images, and its predictions give the prompt
-accuracy of generated images (does the image show the digit, style and colour the caption asked for).
+accuracy of generated images (condenser.quality computes both). Training: condenser.train.judge.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from scipy import linalg
 from torch import nn
-from tqdm.auto import tqdm
 
 HEADS = ("digit", "style", "color")
 # Every image is judged at this size, so one judge serves generators of any resolution.
@@ -60,7 +57,7 @@ class Judge(nn.Module):
         return {name: head(feats) for name, head in self.heads.items()}
 
 
-def _batches(n: int, batch_size: int):
+def batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
 
@@ -69,7 +66,7 @@ def _batches(n: int, batch_size: int):
 def predict(judge: Judge, images: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
     judge.eval()
     out = {h: [] for h in HEADS}
-    for s in _batches(len(images), batch_size):
+    for s in batches(len(images), batch_size):
         for h, logits in judge(images[s]).items():
             out[h].append(logits.argmax(1))
     return {h: torch.cat(v) for h, v in out.items()}
@@ -78,70 +75,7 @@ def predict(judge: Judge, images: torch.Tensor, batch_size: int = 512) -> dict[s
 @torch.no_grad()
 def features(judge: Judge, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     judge.eval()
-    return torch.cat([judge.features(images[s]) for s in _batches(len(images), batch_size)]).double().numpy()
-
-
-def accuracy(judge: Judge, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-head accuracy of the judge on images in [0, 1]; labels of -1 (unknown) are skipped.
-
-    For generated images, `labels` are what the captions asked for: this is the prompt accuracy.
-    """
-    pred = predict(judge, images)
-    result = {}
-    for h in HEADS:
-        known = labels[h] >= 0
-        if known.any():
-            result[h] = float((pred[h][known] == labels[h][known]).float().mean())
-    return result
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (the formula of FID)."""
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    with warnings.catch_warnings():
-        # Dead ReLU/GELU features make the product singular; the trace below is still well defined.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        # A singular product: nudge both covariances, as the reference FID code does.
-        eps = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean), 0.0))
-
-
-def fd(judge: Judge, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
-    """FD between two image sets in [0, 1] on the judge's penultimate features."""
-    return frechet_distance(features(judge, images_a), features(judge, images_b))
-
-
-def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], config: JudgeConfig, epochs: int,
-                batch_size: int, lr: float, seed: int) -> Judge:
-    """Train on images in [0, 1] with all three labels known; one-cycle schedule, light augmentation."""
-    torch.manual_seed(seed)
-    judge = Judge(config)
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * -(-len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    judge.train()
-    for _ in tqdm(range(epochs), desc="evaluator: training judge", unit="epoch"):
-        order = torch.randperm(len(images), generator=gen)
-        for s in _batches(len(images), batch_size):
-            idx = order[s]
-            x = images[idx]
-            # A one-pixel random shift: generated digits are not centred exactly like the scans.
-            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            logits = judge(x)
-            loss = sum(F.cross_entropy(logits[h], labels[h][idx]) for h in HEADS)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    judge.eval()
-    return judge
+    return torch.cat([judge.features(images[s]) for s in batches(len(images), batch_size)]).double().numpy()
 
 
 def save_judge(judge: Judge, out_dir: Path, **meta) -> None:

@@ -1,0 +1,1 @@
+"""What every stage shares: typed params, errors, atomic I/O, the run environment and the stage contract."""

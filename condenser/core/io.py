@@ -1,0 +1,94 @@
+"""Stage files: where they live, atomic folders and JSON, content hashes.
+
+A stage writes into a temporary sibling folder and renames it into place at the end, so a failed
+stage leaves no partial output (docs/architecture.md, "The stage contract").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where a stage reads and writes, relative to a project root (the repo, or a test's tmp_path)."""
+
+    root: Path
+
+    # A foreach stage (`distill_data@bold`) writes one item folder: data/distill_data/bold/.
+    def data(self, stage: str, item: str | None = None) -> Path:
+        return self.root / "data" / stage / (item or "")
+
+    def metrics(self, stage: str, item: str | None = None) -> Path:
+        if item:
+            return self.root / "metrics" / stage / f"{item}.json"
+        return self.root / "metrics" / f"{stage}.json"
+
+    def plots(self, stage: str, item: str | None = None) -> Path:
+        return self.root / "plots" / stage / (item or "")
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_path(path: Path) -> str:
+    """md5 of a file, or of a folder's sorted (relative path, file md5) listing."""
+    path = Path(path)
+    if path.is_file():
+        return md5_file(path)
+    h = hashlib.md5()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\t{md5_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    tmp.rename(final)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), keys sorted so reruns give the same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,77 @@
+"""What every deliverable kind provides: the interface the compression stages are written against."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from condenser.core.io import StagePaths
+
+# A batch of model inputs keyed by name: the forward pass's arguments in order, and the ONNX input names.
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """One entry of params.yaml's `deliverables`: a name, its kind, its folder, and the project it lives
+    in (whose data the kind calibrates and evaluates on)."""
+
+    name: str
+    kind: Kind
+    path: Path
+    paths: StagePaths
+
+
+class Kind(ABC):
+    """One kind of deliverable. `load` returns the part that compression changes (the student's UNet, the
+    editor's generator); everything else about the deliverable is the kind's business."""
+
+    name: str
+    # The names of the exported model's outputs (its inputs are the keys of `example_inputs`).
+    output_names: tuple[str, ...]
+    # The kind's quality metrics (what `evaluate` returns) and which way is better.
+    quality: dict[str, str]
+
+    @abstractmethod
+    def load(self, path: Path) -> nn.Module:
+        """The model in eval mode, from a folder `save` (or the stage that made the deliverable) wrote."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, dest: Path, source: Path) -> None:
+        """Write `model` into `dest` so that `dest` loads like `source` does (with the kind's `load` and
+        with the deliverable's own loader), taking whatever else the deliverable needs from `source`."""
+
+    @abstractmethod
+    def example_inputs(self, deliverable: Deliverable) -> Inputs:
+        """Batch-1 inputs of the right shapes and dtypes: for export and profiling."""
+
+    @abstractmethod
+    def calibration_batches(self, deliverable: Deliverable, n: int, batch_size: int = 16,
+                            seed: int = 0) -> Iterator[Inputs]:
+        """Inputs as the model meets them in use, from about `n` training examples: what quantization
+        ranges and sparse fine-tuning are computed on."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
+        """The kind's quality metrics (keys of `quality`) of `model` in place of the deliverable's own,
+        on held-out data; `limit` caps the number of held-out examples (tests)."""
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The model's output tensor on `inputs`."""
+        return model(*inputs.values())
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        """A module whose forward takes the inputs positionally and returns the output tensor (ONNX)."""
+        return model
+
+    def loss(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """Fine-tuning loss of `model` against the dense `reference` on `inputs` (distillation from the
+        dense model, as sparse and quantization-aware fine-tuning use it): mean squared error."""
+        with torch.no_grad():
+            target = self.forward(reference, inputs)
+        return torch.nn.functional.mse_loss(self.forward(model, inputs).float(), target.float())

@@ -1,0 +1,135 @@
+"""`sd_unet`: the UNet of a Stable Diffusion pipeline folder (the step_distill student, or any SD folder).
+
+The UNet is what compression changes; the VAE, text encoder, tokenizer and scheduler come along
+unchanged from the source folder. The sampler the deliverable ships with (`condenser.json`: steps and
+guidance, written by step_distill) decides what the UNet sees: calibration runs that sampler on
+training captions and records the UNet's inputs at every step, so activation ranges cover every
+timestep of the schedule (Q-Diffusion's observation, the setting of the Winograd quantization paper).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from condenser.core.config import SampleParams
+from condenser.core.io import read_json
+from condenser.data.images import load_split
+from condenser.deliverables.base import Deliverable, Inputs, Kind
+from condenser.distill.step_distill import SAMPLING_FILE
+from condenser.models.judge import HEADS, load_judge
+from condenser.models.teacher import load_checkpoint, sample
+from condenser.quality import accuracy, fd
+
+UNET = "unet"
+
+
+class _TensorOut(nn.Module):
+    """The UNet with positional inputs and a tensor output (diffusers returns a dataclass)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def sampling(path: Path) -> dict:
+    """How the deliverable samples: its `condenser.json`, else the teacher's default sampler settings."""
+    file = Path(path) / SAMPLING_FILE
+    if file.is_file():
+        saved = read_json(file)
+        return {"steps": saved["num_inference_steps"], "guidance_scale": saved["guidance_scale"]}
+    return {"steps": SampleParams().steps, "guidance_scale": SampleParams().guidance_scale}
+
+
+class SdUnet(Kind):
+    name = "sd_unet"
+    output_names = ("prediction",)
+    quality = {"fd": "lower", "prompt_accuracy": "higher"}
+
+    def load(self, path: Path) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        folder = Path(path) / UNET
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no UNet here; point the deliverable at a Stable Diffusion "
+                                    "folder (e.g. data/step_distill, after dvc repro step_distill)")
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True).eval()
+
+    def save(self, model: nn.Module, dest: Path, source: Path) -> None:
+        source, dest = Path(source), Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        # Everything but the UNet (and step_distill's intermediate students and its manifest) comes along.
+        for part in source.iterdir():
+            if part.name in (UNET, "manifest.json") or part.name.startswith("student_"):
+                continue
+            (shutil.copytree if part.is_dir() else shutil.copy2)(part, dest / part.name)
+        model.save_pretrained(dest / UNET, safe_serialization=True)
+
+    def example_inputs(self, deliverable: Deliverable) -> Inputs:
+        from transformers import AutoConfig, AutoTokenizer
+
+        unet = self.load(deliverable.path)
+        tokens = AutoTokenizer.from_pretrained(deliverable.path / "tokenizer", local_files_only=True).model_max_length
+        width = AutoConfig.from_pretrained(deliverable.path / "text_encoder", local_files_only=True).hidden_size
+        gen = torch.Generator().manual_seed(0)
+        size = unet.config.sample_size
+        return {"sample": torch.randn(1, unet.config.in_channels, size, size, generator=gen),
+                # Mid-schedule: any timestep has the same shapes and cost.
+                "timestep": torch.tensor([read_json(deliverable.path / "scheduler" / "scheduler_config.json")
+                                          ["num_train_timesteps"] // 2]),
+                "encoder_hidden_states": torch.randn(1, tokens, width, generator=gen)}
+
+    def calibration_batches(self, deliverable: Deliverable, n: int, batch_size: int = 16,
+                            seed: int = 0) -> Iterator[Inputs]:
+        """One batch per UNet call of the deliverable's own sampler on `n` training captions: every
+        timestep of its schedule, and with guidance both the conditional and unconditional halves."""
+        pipe = load_checkpoint(deliverable.path, key=f"deliverables.{deliverable.name}.path")
+        settings = sampling(deliverable.path)
+        train = load_split(deliverable.paths.data("prepare"), "train")
+        rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
+        captions = [train.captions[i] for i in rows]
+        seen: list[Inputs] = []
+
+        def record(_, args, kwargs):
+            x = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            seen.append({"sample": x.detach().clone(),
+                         "timestep": torch.as_tensor(t).reshape(-1).expand(len(x)).clone(),
+                         "encoder_hidden_states": kwargs["encoder_hidden_states"].detach().clone()})
+
+        hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            for start in range(0, len(captions), batch_size):
+                seen.clear()
+                sample(pipe, captions[start:start + batch_size], settings["steps"], settings["guidance_scale"],
+                       seed + start, batch_size)
+                yield from list(seen)
+        finally:
+            hook.remove()
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        return _TensorOut(model)(*inputs.values())
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        return _TensorOut(model).eval()
+
+    def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
+        """FD to the real test images and prompt accuracy per head, sampling the test captions with the
+        deliverable's own sampler and `model` as its UNet (the step_distill stage's protocol)."""
+        pipe = load_checkpoint(deliverable.path, key=f"deliverables.{deliverable.name}.path")
+        pipe.unet = model.eval()
+        settings = sampling(deliverable.path)
+        test = load_split(deliverable.paths.data("prepare"), "test")
+        judge, _ = load_judge(deliverable.paths.data("evaluator"))
+        n = min(limit or len(test), len(test))
+        images = sample(pipe, test.captions[:n], settings["steps"], settings["guidance_scale"], 0, 64)
+        return {"fd": fd(judge, images, test.float_images()),
+                "prompt_accuracy": accuracy(judge, images, {h: getattr(test, h)[:n] for h in HEADS})}

@@ -1,0 +1,1 @@
+"""Distillation: editing pairs from the teacher, fewer sampling steps, per-concept LoRA editors."""

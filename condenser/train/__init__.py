@@ -1,0 +1,1 @@
+"""Training loops: the judge, the teacher (latent diffusion) and the editor GAN."""
