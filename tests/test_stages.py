@@ -152,3 +152,23 @@ def test_evaluator_without_labels_is_refused(tmp_path: Path):
     prepare.run(params.prepare, StagePaths(tmp_path))
     with pytest.raises(Exception, match="captions.csv of prepare.folder"):
         evaluator.run(params.evaluator, StagePaths(tmp_path))
+
+
+def test_git_revision_is_dirty_for_code_not_for_pipeline_records(tmp_path: Path):
+    """A run changes dvc.lock, metrics/ and plots/ as it goes; only code or params make it '-dirty'."""
+    import subprocess
+
+    from condenser.core.environment import git_revision
+
+    for name in ("dvc.lock", "metrics/a.json", "plots/a.tsv", "params.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+        subprocess.run([*git, *cmd], cwd=tmp_path, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for name in ("dvc.lock", "metrics/a.json", "plots/a.tsv"):
+        (tmp_path / name).write_text("1\n")
+    assert git_revision(tmp_path) == sha
+    (tmp_path / "params.yaml").write_text("1\n")
+    assert git_revision(tmp_path) == f"{sha}-dirty"

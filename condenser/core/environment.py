@@ -17,13 +17,19 @@ LIBRARIES = ("condenser", "torch", "diffusers", "transformers", "accelerate", "p
              "scikit-learn", "great-expectations", "safetensors")
 
 
+# What the pipeline itself writes into tracked files: a run in progress changes them, which says nothing
+# about the code and params the run used.
+PIPELINE_RECORDS = ("dvc.lock", "metrics", "plots")
+
+
 def git_revision(root: Path) -> str:
-    """HEAD's sha, with '-dirty' when tracked files differ; 'unknown' outside git."""
+    """HEAD's sha, with '-dirty' when tracked code or params differ from it; 'unknown' outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        excluded = [f":(exclude){p}" for p in PIPELINE_RECORDS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
