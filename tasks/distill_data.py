@@ -35,6 +35,7 @@ def run(cfg: DistillDataParams, paths: StagePaths, concept: str) -> dict:
     if concept not in cfg.concepts:
         raise StageError(f"distill_data.concepts has no concept '{concept}' "
                          f"(known: {', '.join(cfg.concepts)})")
+    stage = _stage(cfg, paths, concept)  # first: its wall time covers the generation
     prepared, teacher_dir = paths.data("prepare"), paths.data("teacher")
     meta = read_json(prepared / "meta.json")
     # Fail on a bad concept before loading any model.
@@ -45,10 +46,19 @@ def run(cfg: DistillDataParams, paths: StagePaths, concept: str) -> dict:
     pairs = make_pairs(pipe, load_split(prepared, "train"), *args, cfg.seed)
     # Held-out test-split sources, another seed: the reference edits the GAN editors are scored against.
     heldout = make_pairs(pipe, load_split(prepared, "test"), *args, cfg.seed + 1, n=cfg.concepts[concept].heldout)
-    return write_pairs(cfg, paths, concept, pairs, heldout)
+    return write_pairs(cfg, paths, concept, pairs, heldout, stage)
 
 
-def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: Pairs, heldout: Pairs) -> dict:
+def _stage(cfg: DistillDataParams, paths: StagePaths, concept: str) -> Stage:
+    params = {"concept": concept, **cfg.model_dump(exclude={"concepts"}), **cfg.concepts[concept].model_dump()}
+    stage = Stage("distill_data", paths, params, seed=cfg.seed, item=concept)
+    for p in (paths.data("prepare"), paths.data("evaluator"), paths.data("teacher")):
+        stage.add_input(p)
+    return stage
+
+
+def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: Pairs, heldout: Pairs,
+                stage: Stage | None = None) -> dict:
     """Judge and validate the pairs and held-out pairs; write them only if every expectation holds."""
     prepared = paths.data("prepare")
     meta = read_json(prepared / "meta.json")
@@ -82,10 +92,7 @@ def write_pairs(cfg: DistillDataParams, paths: StagePaths, concept: str, pairs: 
         "seconds_per_pair": pairs.seconds_per_pair,
         "expectations": {"evaluated": len(report.results), "failed": 0},
     }
-    stage = Stage("distill_data", paths, {"concept": concept, **cfg.model_dump(exclude={"concepts"}),
-                                          **params.model_dump()}, seed=cfg.seed, item=concept)
-    for p in (prepared, paths.data("evaluator"), paths.data("teacher")):
-        stage.add_input(p)
+    stage = stage or _stage(cfg, paths, concept)
     with stage.output(artifact=f"{len(table)} (source, teacher img2img edit) pairs for concept '{concept}', "
                                f"and {len(tables['heldout'])} held-out pairs") as tmp:
         for name, p in (("pairs", pairs), ("heldout", heldout)):

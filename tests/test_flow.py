@@ -206,3 +206,40 @@ def test_stage_graph_tells_data_deps_by_what_produced_them():
     assert specs["prepare"].data_deps == ()
     assert set(specs["gan_base"].upstream) == {"evaluator", "distill_data@bold", "distill_data@thin",
                                                "distill_data@recolor_blue"}
+
+
+def test_executions_ask_dvc_not_the_log(tmp_path):
+    """Which stages execute, from DVC's own status: all on a cold run; none on a rerun (one `dvc status`
+    for the whole flow); after a param change, the changed stage and only those downstream whose inputs
+    really changed (an upstream rerun that rewrites identical bytes leaves its downstream up to date)."""
+    from flows.pipeline import Executions, dvc_repro, stage_graph
+
+    write = "import yaml; v = yaml.safe_load(open('params.yaml'))['up']['v']; open('up.txt', 'w').write(str(v))"
+    dvc_file = {"stages": {
+        "up": {"cmd": f'python -c "{write}"', "params": ["up"], "outs": ["up.txt"]},
+        "down": {"cmd": "python -c \"open('down.txt', 'w').write(open('up.txt').read())\"", "deps": ["up.txt"],
+                 "outs": ["down.txt"]}}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_file))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"up": {"v": 1, "note": "a"}}))
+    for cmd in (["git", "init", "-q"], [*dvc(), "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=stage_env())
+    specs = stage_graph(tmp_path)
+    up, down = specs
+
+    def run_flow_by_hand(expected: dict[str, bool]):
+        executions = Executions(tmp_path, specs, force=False)
+        for spec in specs:
+            assert executions.will_execute(spec) is expected[spec.name], spec.name
+            dvc_repro(tmp_path, spec.name, False, lambda line: None)
+            if expected[spec.name]:
+                executions.record(spec)
+
+    run_flow_by_hand({"up": True, "down": True})
+    run_flow_by_hand({"up": False, "down": False})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"up": {"v": 2, "note": "a"}}))
+    run_flow_by_hand({"up": True, "down": True})
+    assert (tmp_path / "down.txt").read_text() == "2"
+    # A change that up's output does not depend on: up reruns, its bytes are the same, down stays.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"up": {"v": 2, "note": "b"}}))
+    run_flow_by_hand({"up": True, "down": False})
+    assert Executions(tmp_path, specs, force=True).will_execute(down)
