@@ -18,6 +18,7 @@ loss.tsv}.
 from __future__ import annotations
 
 import torch
+from accelerate.utils import set_seed
 
 from condenser.core.config import GanBaseParams
 from condenser.core.io import StagePaths
@@ -55,6 +56,9 @@ def run(cfg: GanBaseParams, paths: StagePaths) -> dict:
     train = EditPairs.cat(train_parts)
     names = tuple(cfg.concepts)
 
+    # Seed before building the networks: torch's default generator starts from a random seed in every
+    # process, so an unseeded initialisation (train_gan seeds only its own loop) differs run to run.
+    set_seed(cfg.seed)
     g = cfg.generator
     generator = Generator(GeneratorConfig(names, channels=g.channels, blocks=g.blocks, block=g.block,
                                           code_dim=g.code_dim))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from torch import nn
 
 from condenser.core.config import LoraParams
@@ -106,6 +107,9 @@ def search(base: Generator, base_disc: Discriminator, pairs: EditPairs, train_id
 
     # 2. Rank search on all training pairs.
     def lora_trial(rank: int, fraction: float, subset: np.ndarray) -> tuple[dict, nn.Module]:
+        # LoRA's A matrices start random: seeded per trial, so each trial is the same whatever ran before
+        # (torch's default generator starts from a random seed in every process).
+        torch.manual_seed(cfg.seed)
         model = with_lora(base, crucial, rank, train_codes=new_concept)
         result = fit(model, pairs.subset(subset), cfg.lr, cfg.steps, f"lora@{concept}: rank {rank}, {fraction:.0%}")
         adapter = adapter_parameters(model)
