@@ -43,9 +43,24 @@ TINY_PARAMS = {
              "data_fractions": [0.5, 1.0], "tolerance_db": 0.5, "steps": 40, "batch_size": 8, "lr": 0.005,
              "full_lr": 0.001, "disc_lr": 0.0005, "latency_repeats": 5, "teacher_latency_repeats": 1},
     # The deliverables the tiny lora concepts make.
-    "deliverables": {"student": {"kind": "sd_unet", "path": "data/step_distill"},
-                     "editor_bold": {"kind": "gan_editor", "path": "data/lora/bold/merged"},
-                     "editor_italic": {"kind": "gan_editor", "path": "data/lora/italic/merged"}},
+    "deliverables": {"student": {"kind": "sd_unet", "path": "data/step_distill", "data": "data/prepare"},
+                     "editor_bold": {"kind": "gan_editor", "path": "data/lora/bold/merged",
+                                     "data": "data/distill_data/bold"},
+                     "editor_italic": {"kind": "gan_editor", "path": "data/lora/italic/merged",
+                                       "data": "data/distill_data/italic"}},
+    # Every sparse method on one deliverable of each kind (studies on the student and editor_bold), the
+    # rest on the chain variant only; a few steps each.
+    "sparse": {"seed": 0, "calibration": 16, "batch_size": 8, "lr": 0.001, "latency_repeats": 5,
+               "sensitivity": {"levels": [0.5, 0.9], "examples": 8},
+               "methods": {"pf90": {"kind": "prune_finetune", "sparsity": 0.9, "steps": 6, "prune_steps": 4,
+                                    "prune_every": 2, "compare_lottery": True},
+                           "mest90": {"kind": "mest", "sparsity": 0.9, "steps": 8, "update_every": 2,
+                                      "mutation": 0.2, "soft_bound": 0.05, "forgetting_epochs": 1,
+                                      "compare_keep_all": True, "deliverables": ["student", "editor_bold"]},
+                           "filter50": {"kind": "filter", "ratio": 0.5, "steps": 4},
+                           "hass90": {"kind": "hass", "sparsity": 0.9, "units": 256, "steps": 4,
+                                      "deliverables": ["student", "editor_bold"]}},
+               "chain": {"student": "pf90", "editor_bold": "filter50", "editor_italic": "pf90"}},
     "step_distill": {"seed": 0, "teacher_steps": 8, "student_steps": 2, "guidance_scale": 3.0,
                      "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
                      "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},
@@ -134,3 +149,19 @@ def editor_root(teacher_root: Path, tmp_path_factory) -> Path:
         distill_data.run(params.distill_data, StagePaths(root), concept)
     gan_base.run(params.gan_base, StagePaths(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def deliverables_root(editor_root: Path) -> Path:
+    """editor_root plus a tiny step_distill student and lora@bold editor: the deliverables of one of each
+    kind that the compression stages work on (added in place, as lora tests do)."""
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
+    from tasks import lora, step_distill
+
+    params = parse_params(tiny_params())
+    if not (editor_root / "data" / "step_distill").is_dir():
+        step_distill.run(params.step_distill, StagePaths(editor_root))
+    if not (editor_root / "data" / "lora" / "bold" / "merged").is_dir():
+        lora.run(params.lora, StagePaths(editor_root), "bold")
+    return editor_root

@@ -92,9 +92,10 @@ def test_cross_section_rules_fail_at_load_time(section, key, value, message):
 
 def test_a_deliverable_needs_the_stage_that_makes_it():
     raw = tiny_params()
-    raw["deliverables"]["editor_thin"] = {"kind": "gan_editor", "path": "data/lora/thin/merged"}
+    raw["deliverables"]["editor_thin"] = {"kind": "gan_editor", "path": "data/lora/thin/merged",
+                                        "data": "data/distill_data/thin"}
     with pytest.raises(ConfigError, match=r"deliverables.editor_thin.path: .*'thin' is not in lora.concepts"):
         parse_params(raw)
-    raw["deliverables"]["editor_thin"] = {"kind": "gan_unet", "path": "data/x"}
+    raw["deliverables"]["editor_thin"] = {"kind": "gan_unet", "path": "data/x", "data": "data/prepare"}
     with pytest.raises(ConfigError, match=r"deliverables.editor_thin.kind"):
         parse_params(raw)

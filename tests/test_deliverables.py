@@ -22,23 +22,16 @@ from condenser.runtime.onnx import export_onnx
 from tests.conftest import ROOT, tiny_params
 
 SOURCES = {"sd_unet": "data/step_distill", "gan_editor": "data/lora/bold/merged"}
+DATA = {"sd_unet": "data/prepare", "gan_editor": "data/distill_data/bold"}
 
 
 @pytest.fixture(scope="module")
-def project(editor_root: Path) -> Path:
-    """editor_root (prepare, evaluator, teacher, pairs, base GAN) plus a tiny student and editor."""
-    from tasks import lora, step_distill
-
-    params = parse_params(tiny_params())
-    if not (editor_root / SOURCES["sd_unet"]).is_dir():
-        step_distill.run(params.step_distill, StagePaths(editor_root))
-    if not (editor_root / SOURCES["gan_editor"]).is_dir():
-        lora.run(params.lora, StagePaths(editor_root), "bold")
-    return editor_root
+def project(deliverables_root: Path) -> Path:
+    return deliverables_root
 
 
 def _deliverable(project: Path, kind: str):
-    return deliverable(f"tiny_{kind}", DeliverableParams(kind=kind, path=SOURCES[kind]), StagePaths(project))
+    return deliverable(f"tiny_{kind}", DeliverableParams(kind=kind, path=SOURCES[kind], data=DATA[kind]), StagePaths(project))
 
 
 def test_kinds_are_exactly_what_params_may_name():

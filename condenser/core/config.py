@@ -11,7 +11,7 @@ when the file is loaded, before any stage works.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -289,15 +289,166 @@ class LoraParams(Section):
 
 
 class DeliverableParams(Section):
-    """A model the compression stages work on: its kind (condenser.deliverables) and its folder."""
+    """A model the compression stages work on: its kind (condenser.deliverables), its folder, and the
+    data folder it is calibrated, fine-tuned and evaluated on (an sd_unet: prepare's splits; a
+    gan_editor: its concept's pairs from distill_data). `data` is one folder so that dvc.yaml can list
+    it as a dep of every compression stage (`${item.data}`); the judge (data/evaluator) is common."""
 
     kind: DeliverableKind
     path: str
+    data: str
+
+
+class SparseMethod(Section):
+    """What every entry of `sparse.methods` has: where it runs and how long it fine-tunes."""
+
+    # The deliverables it runs on; None: every deliverable.
+    deliverables: list[str] | None = None
+    # Optimizer steps of fine-tuning against the dense reference (sparse.batch_size examples each), and
+    # their learning rate (None: sparse.lr). A small editor wants more, faster steps than the UNet.
+    steps: int = Field(150, ge=0)
+    lr: float | None = Field(None, gt=0)
+
+
+class PruneFinetuneParams(SparseMethod):
+    """Gradual magnitude pruning (cubic schedule, Zhu & Gupta 2017) during fine-tuning by distillation."""
+
+    kind: Literal["prune_finetune"]
+    sparsity: float = Field(0.9, gt=0, lt=1)
+    # global: one magnitude threshold over all prunable layers; layer: each layer at `sparsity`.
+    scope: Literal["global", "layer"] = "global"
+    # Sparsity rises from 0 to `sparsity` over the first prune_steps steps, in prune_every-step jumps.
+    prune_steps: int = Field(60, ge=1)
+    prune_every: int = Field(10, ge=1)
+    # Also run the lottery ticket at the same total steps: prune the dense model once, reset the
+    # surviving weights to their initial values, retrain (the seed's comparison). Only where the kind
+    # has initial weights to rewind to (an editor; not the student, which started from the teacher).
+    compare_lottery: bool = False
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> PruneFinetuneParams:
+        if self.prune_steps > self.steps:
+            raise ValueError(f"prune_steps ({self.prune_steps}) exceeds steps ({self.steps}): pruning must end "
+                             "within the fine-tuning; lower prune_steps or raise steps")
+        return self
+
+
+class MestParams(SparseMethod):
+    """MEST: sparse from the start, periodic prune-and-grow with Elastic Mutation under a Soft Memory
+    Bound, and dropping of never-forgotten examples (Yuan et al. 2021)."""
+
+    kind: Literal["mest"]
+    sparsity: float = Field(0.9, gt=0, lt=1)
+    # The first `examples` calibration examples (None: all): MEST trains in epochs over them, and its
+    # forgetting statistics need several visits per example.
+    examples: int | None = Field(None, ge=1)
+    # A mutation (grow, train, prune back) starts every update_every steps.
+    update_every: int = Field(20, ge=2)
+    # Elastic Mutation: the fraction of each layer's surviving weights swapped at the first mutation,
+    # decaying (cosine) to zero at the end of training.
+    mutation: float = Field(0.1, gt=0, lt=1)
+    # Soft Memory Bound: growing comes before pruning, so sparsity may dip below the target by at most
+    # this fraction of each layer's weights for half an update interval; pruning restores it.
+    soft_bound: float = Field(0.02, ge=0, lt=1)
+    # Data efficiency: after forgetting_epochs epochs, drop the examples learned and never forgotten: a
+    # forgetting event is an example's loss rising from one visit to the next by more than
+    # forget_tolerance (relative); learned is a last loss at or below the median.
+    drop: bool = True
+    forgetting_epochs: int = Field(2, ge=1)
+    forget_tolerance: float = Field(0.0, ge=0)
+    # Also run the same MEST without dropping (time saved, quality cost).
+    compare_keep_all: bool = False
+
+
+class FilterParams(SparseMethod):
+    """Structured filter pruning with torch-pruning: channels physically removed, then fine-tuning."""
+
+    kind: Literal["filter"]
+    # Fraction of each prunable layer's output channels removed (torch-pruning's pruning_ratio).
+    ratio: float = Field(0.5, gt=0, lt=1)
+
+
+class HassParams(SparseMethod):
+    """HASS: per-layer sparsity searched against a layer-pipelined dataflow accelerator's throughput."""
+
+    kind: Literal["hass"]
+    # Average sparsity over the prunable weights; uniform sparsity at this level is the comparison.
+    sparsity: float = Field(0.9, gt=0, lt=1)
+    # The accelerator: compute units (one MAC per cycle each) shared by the pipelined layers, its clock.
+    units: int = Field(256, ge=1)
+    clock_mhz: float = Field(200.0, gt=0)
+    # Quality floor: the searched allocation's estimated error (summed per-layer sensitivities) may
+    # exceed uniform's by at most this fraction.
+    slack: float = Field(0.0, ge=0)
+    # Also fine-tune and evaluate uniform sparsity at the same average (measured, not only modelled).
+    compare_uniform: bool = True
+
+
+SparseMethodParams = Annotated[PruneFinetuneParams | MestParams | FilterParams | HassParams,
+                               Field(discriminator="kind")]
+DENSE = "dense"
+
+
+class SensitivityParams(Section):
+    # Sparsity levels at which each layer alone is magnitude-pruned; hass chooses among these.
+    levels: list[float] = [0.5, 0.75, 0.9, 0.95, 0.98]
+    # Calibration examples the output error is measured on.
+    examples: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _levels(self) -> SensitivityParams:
+        if not self.levels or any(not 0 < s < 1 for s in self.levels) or sorted(set(self.levels)) != self.levels:
+            raise ValueError("sparse.sensitivity.levels must be increasing sparsities in (0, 1), "
+                             "e.g. [0.5, 0.75, 0.9, 0.95, 0.98]")
+        return self
+
+
+def _default_sparse_methods() -> dict:
+    # The studies run on one deliverable of each kind (editor_bold, student); every editor gets the
+    # filter variant that flows on to quantize. The editor trains 300 fast steps, the UNet 150 slow ones.
+    editors = [f"editor_{c}" for c in LoraParams().concepts]
+    editor = {"steps": 300, "lr": 0.005}
+    unet = {"steps": 150, "lr": 0.002, "deliverables": ["student"]}
+    return {
+        "pf90": PruneFinetuneParams(kind="prune_finetune", prune_steps=150, prune_every=15, compare_lottery=True,
+                                    deliverables=["editor_bold"], **editor),
+        "mest90": MestParams(kind="mest", update_every=30, forgetting_epochs=3, examples=256, compare_keep_all=True,
+                             deliverables=["editor_bold"], **editor),
+        "filter50": FilterParams(kind="filter", deliverables=editors, **editor),
+        "hass90": HassParams(kind="hass", deliverables=["editor_bold"], **editor),
+        "pf90_unet": PruneFinetuneParams(kind="prune_finetune", prune_steps=75, prune_every=15, **unet),
+        "mest90_unet": MestParams(kind="mest", update_every=30, forgetting_epochs=3, examples=256, **unet),
+        "filter50_unet": FilterParams(kind="filter", **unet),
+        "hass90_unet": HassParams(kind="hass", compare_uniform=False, **unet),
+    }
+
+
+class SparseParams(Section):
+    seed: int = 0
+    # Training examples whose model inputs (as the deliverable meets them) fine-tuning uses.
+    calibration: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    latency_repeats: int = Field(200, ge=1)
+    sensitivity: SensitivityParams = SensitivityParams()
+    methods: dict[str, SparseMethodParams] = Field(default_factory=_default_sparse_methods)
+    # Per deliverable, the variant that flows on to quantize: a method name, or "dense".
+    chain: dict[str, str] = Field(default_factory=lambda: {"student": "pf90_unet", **{
+        f"editor_{c}": "filter50" for c in LoraParams().concepts}})
+
+    @model_validator(mode="after")
+    def _names(self) -> SparseParams:
+        for name in self.methods:
+            if name == DENSE or "." in name or "/" in name:
+                raise ValueError(f"sparse.methods.{name}: a method name may not be '{DENSE}' or hold '.' or '/' "
+                                 "(it names a folder and a metrics key)")
+        return self
 
 
 def _default_deliverables() -> dict[str, DeliverableParams]:
-    return {"student": DeliverableParams(kind="sd_unet", path="data/step_distill"),
-            **{f"editor_{c}": DeliverableParams(kind="gan_editor", path=f"data/lora/{c}/merged")
+    return {"student": DeliverableParams(kind="sd_unet", path="data/step_distill", data="data/prepare"),
+            **{f"editor_{c}": DeliverableParams(kind="gan_editor", path=f"data/lora/{c}/merged",
+                                                data=f"data/distill_data/{c}")
                for c in LoraParams().concepts}}
 
 
@@ -311,6 +462,7 @@ class Params(Section):
     lora: LoraParams = LoraParams()
     # What sparse / quantize / validate work on: name -> kind + folder.
     deliverables: dict[str, DeliverableParams] = Field(default_factory=_default_deliverables)
+    sparse: SparseParams = SparseParams()
 
     @model_validator(mode="after")
     def _concepts_exist(self) -> Params:
@@ -364,6 +516,34 @@ class Params(Section):
                 raise ValueError(f"deliverables.{name}.path: {d.path} is made by lora@{parts[2]}, but "
                                  f"'{parts[2]}' is not in lora.concepts ({', '.join(self.lora.concepts)}); "
                                  "add it there or remove the deliverable")
+        return self
+
+
+    @model_validator(mode="after")
+    def _sparse_targets_known(self) -> Params:
+        known = sorted(self.deliverables)
+        sparse = self.sparse
+        for name, method in sparse.methods.items():
+            unknown = [d for d in method.deliverables or [] if d not in self.deliverables]
+            if unknown:
+                raise ValueError(f"sparse.methods.{name}.deliverables: {', '.join(unknown)} not in deliverables "
+                                 f"({', '.join(known)})")
+        for d in self.deliverables:
+            if d not in sparse.chain:
+                raise ValueError(f"sparse.chain: no entry for deliverable '{d}'; name the variant that flows on "
+                                 f"to quantize (a sparse.methods name, or '{DENSE}')")
+        for d, variant in sparse.chain.items():
+            if d not in self.deliverables:
+                raise ValueError(f"sparse.chain.{d}: '{d}' is not in deliverables ({', '.join(known)})")
+            if variant == DENSE:
+                continue
+            if variant not in sparse.methods:
+                raise ValueError(f"sparse.chain.{d}: '{variant}' is not in sparse.methods "
+                                 f"({', '.join(sparse.methods)}) nor '{DENSE}'")
+            runs_on = sparse.methods[variant].deliverables
+            if runs_on is not None and d not in runs_on:
+                raise ValueError(f"sparse.chain.{d}: method '{variant}' does not run on '{d}' "
+                                 f"(sparse.methods.{variant}.deliverables); add it there")
         return self
 
 

@@ -114,22 +114,25 @@ class Stage:
         return metrics
 
 
-def stage_main(stage: str, run: Callable[..., dict], items: str | None = None) -> None:
+def stage_main(stage: str, run: Callable[..., dict], items: str | None = None, whole: bool = False) -> None:
     """Run a stage on its `params.yaml` section, from the project root (as `dvc repro` runs it).
 
     The whole file is validated first, so a typo anywhere fails before any work. A foreach stage
     (`distill_data@bold`) names its `items` field; the item comes as the one command-line argument.
+    With `whole`, the stage gets all of params (a compression stage reads `deliverables` beside its
+    own section) and `items` names a top-level field.
     """
     try:
         params = load_params(Path("params.yaml"))
-        cfg: Section = getattr(params, stage)
+        cfg: Section = params if whole else getattr(params, stage)
         args = [StagePaths(Path.cwd())]
         if items:
             known = getattr(cfg, items)
             if len(sys.argv) != 2 or sys.argv[1] not in known:
                 given = sys.argv[1] if len(sys.argv) > 1 else "nothing"
+                where = items if whole else f"{stage}.{items}"
                 raise StageError(f"usage: python -m tasks.{stage} ITEM, where ITEM is one of "
-                                 f"{stage}.{items} in params.yaml ({', '.join(known)}); got {given}")
+                                 f"{where} in params.yaml ({', '.join(known)}); got {given}")
             args.append(sys.argv[1])
         metrics = run(cfg, *args)
     except (ConfigError, StageError, DataError, FileNotFoundError) as err:

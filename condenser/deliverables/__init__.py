@@ -1,6 +1,6 @@
 """Deliverables: the models the compression stages work on, each kind described once.
 
-`params.yaml` lists the deliverables (`deliverables: {name: {kind, path}}`) and the compression stages
+`params.yaml` lists the deliverables (`deliverables: {name: {kind, path, data}}`) and the compression stages
 iterate over them (`foreach: ${deliverables}`). Everything a stage needs to know about a model comes
 from its kind, so `sparse`, `quantize` and `validate` never ask which model they hold:
 
@@ -32,7 +32,8 @@ def deliverable(name: str, spec: DeliverableParams, paths: StagePaths) -> Delive
     if spec.kind not in KINDS:
         raise ConfigError(f"deliverables.{name}.kind: '{spec.kind}' has no entry in condenser.deliverables.KINDS "
                           f"({', '.join(KINDS)})")
-    return Deliverable(name=name, kind=KINDS[spec.kind], path=paths.root / spec.path, paths=paths)
+    return Deliverable(name=name, kind=KINDS[spec.kind], path=paths.root / spec.path, data=paths.root / spec.data,
+                       paths=paths)
 
 
 def deliverables(params: Params, paths: StagePaths) -> dict[str, Deliverable]:

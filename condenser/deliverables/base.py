@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from condenser.compress.sparse.filters import FilterSpec
 from condenser.core.io import StagePaths
 
 # A batch of model inputs keyed by name: the forward pass's arguments in order, and the ONNX input names.
@@ -18,12 +19,13 @@ Inputs = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Deliverable:
-    """One entry of params.yaml's `deliverables`: a name, its kind, its folder, and the project it lives
-    in (whose data the kind calibrates and evaluates on)."""
+    """One entry of params.yaml's `deliverables`: a name, its kind, its folder, its data folder (what the
+    kind calibrates, fine-tunes and evaluates on), and the project it lives in (for the judge)."""
 
     name: str
     kind: Kind
     path: Path
+    data: Path
     paths: StagePaths
 
 
@@ -61,6 +63,13 @@ class Kind(ABC):
         """The kind's quality metrics (keys of `quality`) of `model` in place of the deliverable's own,
         on held-out data; `limit` caps the number of held-out examples (tests)."""
 
+    # Whether `initialization` can give the weights training started from (lottery-ticket rewinding).
+    rewindable: bool = False
+
+    def initialization(self, model: nn.Module, seed: int) -> nn.Module:
+        """A model of `model`'s architecture holding the weights its training started from."""
+        raise NotImplementedError(f"a {self.name} deliverable has no initial weights to rewind to")
+
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """The model's output tensor on `inputs`."""
         return model(*inputs.values())
@@ -69,9 +78,22 @@ class Kind(ABC):
         """A module whose forward takes the inputs positionally and returns the output tensor (ONNX)."""
         return model
 
-    def loss(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
-        """Fine-tuning loss of `model` against the dense `reference` on `inputs` (distillation from the
-        dense model, as sparse and quantization-aware fine-tuning use it): mean squared error."""
+    def filter_spec(self, model: nn.Module) -> FilterSpec:
+        """What filter pruning (condenser.compress.sparse.filters) must know about `model`: by default
+        nothing, since the layer producing the output keeps its width anyway. A kind adds the layers
+        that must keep theirs (embeddings of fixed-size inputs), attention heads, split projections,
+        and the attributes to restore once widths change."""
+        return FilterSpec()
+
+    def example_losses(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """Fine-tuning loss of `model` against the dense `reference` on `inputs`, one value per example
+        (distillation from the dense model, as sparse and quantization-aware fine-tuning use it): mean
+        squared error over each example's output."""
         with torch.no_grad():
             target = self.forward(reference, inputs)
-        return torch.nn.functional.mse_loss(self.forward(model, inputs).float(), target.float())
+        error = (self.forward(model, inputs).float() - target.float()) ** 2
+        return error.flatten(1).mean(1)
+
+    def loss(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The mean of `example_losses` over the batch."""
+        return self.example_losses(model, reference, inputs).mean()

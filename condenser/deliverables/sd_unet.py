@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from condenser.compress.sparse.filters import SIDECAR, FilterSpec, load_resized, write_sidecar
 from condenser.core.config import SampleParams
 from condenser.core.io import read_json
 from condenser.data.images import load_split
@@ -40,6 +41,31 @@ class _TensorOut(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+def _fix_widths(unet: nn.Module) -> None:
+    """What a UNet derives from its widths, made to match its (pruned) layers again."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.upsampling import Upsample2D
+
+    for m in unet.modules():
+        if isinstance(m, (Downsample2D, Upsample2D)) and isinstance(m.conv, nn.Conv2d):
+            # Their forward checks the input against this copy of the dense width.
+            m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
+        elif isinstance(m, Attention) and m.scale_qk:
+            head_dim = m.to_q.out_features // m.heads
+            if m.scale != head_dim ** -0.5:
+                # Scaled dot-product attention scales by the new head width, the classic processor by
+                # m.scale (the dense one). Folding the change into the queries makes both compute what
+                # the dense attention computes without the removed dimensions (its softmax temperature).
+                with torch.no_grad():
+                    factor = (head_dim * m.scale ** 2) ** 0.5
+                    m.to_q.weight.mul_(factor)
+                    if m.to_q.bias is not None:
+                        m.to_q.bias.mul_(factor)
+                m.scale = head_dim ** -0.5
+            m.inner_dim, m.inner_kv_dim = m.to_q.out_features, m.to_k.out_features
+
+
 def sampling(path: Path) -> dict:
     """How the deliverable samples: its `condenser.json`, else the teacher's default sampler settings."""
     file = Path(path) / SAMPLING_FILE
@@ -61,7 +87,20 @@ class SdUnet(Kind):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no UNet here; point the deliverable at a Stable Diffusion "
                                     "folder (e.g. data/step_distill, after dvc repro step_distill)")
+        if (folder / SIDECAR).is_file():
+            return self._load_pruned(folder)
         return UNet2DConditionModel.from_pretrained(folder, local_files_only=True).eval()
+
+    def _load_pruned(self, folder: Path) -> nn.Module:
+        """A filter-pruned UNet: its config.json describes the dense UNet, its weights a narrower one (so
+        StableDiffusionPipeline.from_pretrained cannot load the folder; set the pipeline's unet instead)."""
+        from diffusers import UNet2DConditionModel
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import load_file
+
+        dense = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+        return load_resized(dense, load_file(str(folder / SAFETENSORS_WEIGHTS_NAME)), folder,
+                            self.filter_spec(dense).fix)
 
     def save(self, model: nn.Module, dest: Path, source: Path) -> None:
         source, dest = Path(source), Path(dest)
@@ -72,6 +111,22 @@ class SdUnet(Kind):
                 continue
             (shutil.copytree if part.is_dir() else shutil.copy2)(part, dest / part.name)
         model.save_pretrained(dest / UNET, safe_serialization=True)
+        write_sidecar(model, lambda: type(model).from_config(model.config), dest / UNET)
+
+    def filter_spec(self, model: nn.Module) -> FilterSpec:
+        """The text-time pooling (`add_embedding`) keeps its width, which is the text encoder's and is
+        split over its own 64 heads, and with it the time embedding it is added to; the output conv keeps
+        the latent channels. Attention projections lose channels evenly per head (the head count stays),
+        and GEGLU projections lose value and gate channels in pairs."""
+        from diffusers.models.activations import GEGLU
+        from diffusers.models.attention_processor import Attention
+
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        return FilterSpec(
+            ignored=[m for m in (model.add_embedding, model.conv_out) if m is not None],
+            num_heads={proj: a.heads for a in attentions for proj in (a.to_q, a.to_k, a.to_v)},
+            channel_groups={m.proj: 2 for m in model.modules() if isinstance(m, GEGLU)},
+            fix=_fix_widths)
 
     def example_inputs(self, deliverable: Deliverable) -> Inputs:
         from transformers import AutoConfig, AutoTokenizer
@@ -93,7 +148,7 @@ class SdUnet(Kind):
         timestep of its schedule, and with guidance both the conditional and unconditional halves."""
         pipe = load_checkpoint(deliverable.path, key=f"deliverables.{deliverable.name}.path")
         settings = sampling(deliverable.path)
-        train = load_split(deliverable.paths.data("prepare"), "train")
+        train = load_split(deliverable.data, "train")
         rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
         captions = [train.captions[i] for i in rows]
         seen: list[Inputs] = []
@@ -127,7 +182,7 @@ class SdUnet(Kind):
         pipe = load_checkpoint(deliverable.path, key=f"deliverables.{deliverable.name}.path")
         pipe.unet = model.eval()
         settings = sampling(deliverable.path)
-        test = load_split(deliverable.paths.data("prepare"), "test")
+        test = load_split(deliverable.data, "test")
         judge, _ = load_judge(deliverable.paths.data("evaluator"))
         n = min(limit or len(test), len(test))
         images = sample(pipe, test.captions[:n], settings["steps"], settings["guidance_scale"], 0, 64)

@@ -1,0 +1,1 @@
+"""Sparsity: unstructured (prune & fine-tune, lottery ticket, MEST, HASS) and structured (filter) pruning."""
