@@ -43,15 +43,16 @@ def bench(name: str, paths: StagePaths, repeats: int) -> dict:
     stage_metrics = read_json(paths.metrics("sparse", name))
     dense = kind.load(d.path)
     example = kind.example_inputs(d)
-    rows = {}
+    models = {"dense": (dense, True)}
+    for variant in manifest["variants"]:
+        structured = stage_metrics["variants"][variant]["method"] == "filter"
+        models[variant] = (load_variant(kind, folder / variant, d.path), structured)
     with tempfile.TemporaryDirectory() as scratch:
-        reference = measure(kind, d, dense, example, Path(scratch) / "dense.onnx", repeats, structured=True)
-        for variant in manifest["variants"]:
-            model = load_variant(kind, folder / variant, d.path)
-            structured = stage_metrics["variants"][variant]["method"] == "filter"
-            compressed = measure(kind, d, model, example, Path(scratch) / f"{variant}.onnx", repeats, structured)
-            rows[variant] = {"method": stage_metrics["variants"][variant]["method"],
-                             "weight_sparsity": weight_sparsity(model), **compare(reference, compressed)}
+        sides = measure(kind, d, models, example, Path(scratch), repeats)
+    reference = sides["dense"]
+    rows = {variant: {"method": stage_metrics["variants"][variant]["method"],
+                      "weight_sparsity": weight_sparsity(models[variant][0]), **compare(reference, sides[variant])}
+            for variant in manifest["variants"]}
     return {"deliverable": name, "kind": kind.name, "chain": manifest["chain"], "dense": reference,
             "variants": rows, "studies": studies(stage_metrics["variants"])}
 

@@ -80,18 +80,17 @@ def run(params: Params, paths: StagePaths, name: str) -> dict:
         variants.extend(METHODS[method_cfg.kind](method, method_cfg, ctx))
 
     with tempfile.TemporaryDirectory() as scratch:
-        reference = measure(kind, d, dense, example, Path(scratch) / "dense.onnx", cfg.latency_repeats, structured=True)
-        results = {}
-        for v in variants:
-            compressed = measure(kind, d, v.model, example, Path(scratch) / f"{v.name}.onnx", cfg.latency_repeats,
-                                 v.structured)
-            contract = compare(reference, compressed)
-            clash = set(contract) & set(v.details)
-            if clash:
-                raise ValueError(f"{v.name}: details {sorted(clash)} clash with the metrics contract's keys")
-            results[v.name] = {"method": v.method, **v.details, **contract,
-                               "layer_sparsity": layer_sparsity(v.model),
-                               "weight_sparsity": weight_sparsity(v.model)}
+        models = {DENSE: (dense, True), **{v.name: (v.model, v.structured) for v in variants}}
+        sides = measure(kind, d, models, example, Path(scratch), cfg.latency_repeats)
+    reference = sides[DENSE]
+    results = {}
+    for v in variants:
+        contract = compare(reference, sides[v.name])
+        clash = set(contract) & set(v.details)
+        if clash:
+            raise ValueError(f"{v.name}: details {sorted(clash)} clash with the metrics contract's keys")
+        results[v.name] = {"method": v.method, **v.details, **contract,
+                           "layer_sparsity": layer_sparsity(v.model), "weight_sparsity": weight_sparsity(v.model)}
 
     by_name = {v.name: v for v in variants}
     chain_model = dense if chosen == DENSE else by_name[chosen].model

@@ -433,8 +433,11 @@ class SparseParams(Section):
     sensitivity: SensitivityParams = SensitivityParams()
     methods: dict[str, SparseMethodParams] = Field(default_factory=_default_sparse_methods)
     # Per deliverable, the variant that flows on to quantize: a method name, or "dense".
-    chain: dict[str, str] = Field(default_factory=lambda: {"student": "pf90_unet", **{
-        f"editor_{c}": "filter50" for c in LoraParams().concepts}})
+    # The default follows the measured trade-offs (BENCHMARKS.md): the editors whose concept survives
+    # filter pruning ship it; the student and the editors it costs concept accuracy stay dense.
+    chain: dict[str, str] = Field(default_factory=lambda: {
+        "student": DENSE, "editor_bold": "filter50", "editor_italic": DENSE, "editor_thin": DENSE,
+        "editor_recolor_blue": "filter50"})
 
     @model_validator(mode="after")
     def _names(self) -> SparseParams:

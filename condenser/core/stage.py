@@ -114,6 +114,9 @@ class Stage:
         return metrics
 
 
+SHOWN = 40
+
+
 def stage_main(stage: str, run: Callable[..., dict], items: str | None = None, whole: bool = False) -> None:
     """Run a stage on its `params.yaml` section, from the project root (as `dvc repro` runs it).
 
@@ -138,7 +141,11 @@ def stage_main(stage: str, run: Callable[..., dict], items: str | None = None, w
     except (ConfigError, StageError, DataError, FileNotFoundError) as err:
         print(f"{stage} failed: {err}", file=sys.stderr)
         sys.exit(1)
-    print(f"{stage} done: " + ", ".join(f"{k}={v}" for k, v in _flat(metrics).items()))
+    flat = list(_flat(metrics).items())
+    # The headline figures; a compression stage's per-layer tables stay in its metrics file.
+    shown = ", ".join(f"{k}={v}" for k, v in flat[:SHOWN])
+    more = f", ... ({len(flat) - SHOWN} more in {Path('metrics') / stage})" if len(flat) > SHOWN else ""
+    print(f"{stage} done: {shown}{more}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -63,6 +63,29 @@ def onnx_latency(path: Path, feed: dict[str, np.ndarray], repeats: int, warmup: 
     return latency(lambda: runner.run(None, feed), repeats, warmup, threads=used)
 
 
+def compare_latency(files: dict[str, Path], feed: dict[str, np.ndarray], repeats: int, rounds: int = 5,
+                    warmup: int = 3, threads: int | None = None) -> dict[str, Latency]:
+    """ONNX Runtime CPU latency of several files on the same `feed`, measured side by side: each round
+    times every file in turn (repeats // rounds calls each), so a slow spell of a shared machine (another
+    process, a clock change) falls on all of them alike instead of on whichever was timed then. The
+    figures of one call are comparable; their ratios are what a comparison reports."""
+    runners = {name: session(path, threads) for name, path in files.items()}
+    used = threads if threads is not None else psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    per_round = max(1, repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in files}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.run(None, feed)
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                runner.run(None, feed)
+                times[name].append(time.perf_counter() - start)
+    return {name: Latency(median_ms=float(np.median(t) * 1000), p95_ms=float(np.percentile(t, 95) * 1000),
+                          repeats=len(t), warmup=warmup, threads=used) for name, t in times.items()}
+
+
 def parity(model: nn.Module, path: Path, inputs: dict[str, torch.Tensor]) -> float:
     """Max absolute difference between the first output of `model` (eval mode, no grad) and of the ONNX
     file at `path`, on the same `inputs` (keyed by the ONNX input names, in the model's argument order):

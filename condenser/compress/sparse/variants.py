@@ -17,7 +17,7 @@ from condenser.compress.sparse.masks import prunable
 from condenser.compress.sparse.methods import Variant, layer_macs
 from condenser.compress.sparse.storage import load_sparse, save_sparse, sparse_bytes
 from condenser.deliverables.base import Deliverable, Inputs, Kind
-from condenser.runtime.measure import onnx_latency
+from condenser.runtime.measure import compare_latency
 from condenser.runtime.onnx import export_onnx
 
 SPARSE_FILE = "weights.sparse.safetensors"
@@ -47,18 +47,22 @@ def load_variant(kind: Kind, folder: Path, source: Path) -> nn.Module:
     return kind.load(folder)
 
 
-def measure(kind: Kind, d: Deliverable, model: nn.Module, example: Inputs, onnx_path: Path, repeats: int,
-            structured: bool) -> dict:
-    """One side of the contract: quality, profile (size = the shipped file's bytes: values + bitmask
-    unless the model is dense or physically smaller), non-zero MACs (what a sparse accelerator
-    executes: each prunable layer's MACs times its density), ONNX Runtime CPU latency at batch 1."""
-    prof = profile(kind.exportable(model), tuple(example.values()))
-    if not structured:
-        prof["size_bytes"] = sparse_bytes(model.state_dict())
-    macs = layer_macs(kind, model, example)
-    skipped = sum(macs[n] * (1 - int(torch.count_nonzero(m.weight)) / m.weight.numel())
-                  for n, m in prunable(model).items())
-    prof["nonzero_macs"] = int(round(prof["macs"] - skipped))
-    export(kind, model, example, onnx_path)
-    timing = onnx_latency(onnx_path, {k: v.numpy() for k, v in example.items()}, repeats)
-    return block(kind.evaluate(model, d), prof, {"onnxruntime": timing})
+def measure(kind: Kind, d: Deliverable, models: dict[str, tuple[nn.Module, bool]], example: Inputs, scratch: Path,
+            repeats: int) -> dict[str, dict]:
+    """One side of the contract for each named (model, structured): quality, profile (size = the shipped
+    file's bytes: values + bitmask unless the model is dense or physically smaller), non-zero MACs (what
+    a sparse accelerator executes: each prunable layer's MACs times its density), and ONNX Runtime CPU
+    latency at batch 1, all models timed side by side (condenser.runtime.measure.compare_latency)."""
+    sides, files = {}, {}
+    for name, (model, structured) in models.items():
+        prof = profile(kind.exportable(model), tuple(example.values()))
+        if not structured:
+            prof["size_bytes"] = sparse_bytes(model.state_dict())
+        macs = layer_macs(kind, model, example)
+        skipped = sum(macs[n] * (1 - int(torch.count_nonzero(m.weight)) / m.weight.numel())
+                      for n, m in prunable(model).items())
+        prof["nonzero_macs"] = int(round(prof["macs"] - skipped))
+        files[name] = export(kind, model, example, Path(scratch) / f"{name}.onnx")
+        sides[name] = (kind.evaluate(model, d), prof)
+    timings = compare_latency(files, {k: v.numpy() for k, v in example.items()}, repeats)
+    return {name: block(quality, prof, {"onnxruntime": timings[name]}) for name, (quality, prof) in sides.items()}
