@@ -85,14 +85,16 @@ class Kind(ABC):
         and the attributes to restore once widths change."""
         return FilterSpec()
 
+    def error(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per example, how far `output` is from the dense model's `target`: mean squared error."""
+        return ((output.float() - target.float()) ** 2).flatten(1).mean(1)
+
     def example_losses(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
         """Fine-tuning loss of `model` against the dense `reference` on `inputs`, one value per example
-        (distillation from the dense model, as sparse and quantization-aware fine-tuning use it): mean
-        squared error over each example's output."""
+        (distillation from the dense model, as sparse and quantization-aware fine-tuning use it)."""
         with torch.no_grad():
             target = self.forward(reference, inputs)
-        error = (self.forward(model, inputs).float() - target.float()) ** 2
-        return error.flatten(1).mean(1)
+        return self.error(self.forward(model, inputs), target)
 
     def loss(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
         """The mean of `example_losses` over the batch."""

@@ -96,11 +96,9 @@ class GanEditor(Kind):
         set_seed(seed)
         return Generator(model.config).eval()
 
-    def example_losses(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
+    def error(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L1 to the dense editor's edit, per example: the L1 term of the editor's own (pix2pix) objective."""
-        with torch.no_grad():
-            target = reference(*inputs.values())
-        return (model(*inputs.values()) - target).abs().flatten(1).mean(1)
+        return (output - target).abs().flatten(1).mean(1)
 
     def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
         concept = self._concept(deliverable)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from condenser.compress.sparse.masks import magnitude_masks, prunable
-from condenser.compress.sparse.train import Examples, evaluate_loss
+from condenser.compress.sparse.train import Examples
 from condenser.deliverables.base import Kind
 
 
@@ -39,7 +39,17 @@ class Sensitivity:
 def measure_sensitivity(kind: Kind, dense: nn.Module, examples: Examples, levels: list[float], limit: int,
                         batch_size: int) -> Sensitivity:
     # The pruned copy shares nothing with the reference it is compared to.
-    model = copy.deepcopy(dense)
+    model = copy.deepcopy(dense).eval()
+    dense.eval()
+    # The dense outputs are the same for every (layer, level): computed once, the pruned forward only.
+    batches = list(examples.batches(batch_size * 4, limit))
+    targets = [kind.forward(dense, batch) for batch in batches]
+    count = sum(len(t) for t in targets)
+
+    def error() -> float:
+        total = sum(float(kind.error(kind.forward(model, b), t).sum()) for b, t in zip(batches, targets, strict=True))
+        return total / count
+
     errors: dict[str, dict[float, float]] = {}
     for name, layer in tqdm(prunable(model).items(), desc="sparse: sensitivity", unit="layer", leave=False):
         original = layer.weight.detach().clone()
@@ -47,6 +57,6 @@ def measure_sensitivity(kind: Kind, dense: nn.Module, examples: Examples, levels
         for level in levels:
             mask = magnitude_masks(model, {name: level}, "layer")[name]
             layer.weight.mul_(mask)
-            errors[name][level] = evaluate_loss(kind, model, dense, examples, batch_size * 4, limit)
+            errors[name][level] = error()
             layer.weight.copy_(original)
     return Sensitivity(levels=list(levels), errors=errors)
