@@ -9,7 +9,7 @@ p95), and ratios to dense. The training-side comparisons come from the stage's m
 fine-tune against the lottery ticket at the same steps, MEST dropping never-forgotten examples against
 MEST keeping them (examples dropped, training time), HASS's modelled throughput against uniform.
 
-    python bench/sparse.py [--deliverables student editor_bold] [--repeats 200] [--out bench/results/sparse.json]
+    python bench/sparse.py [--deliverables student editor_bold] [--repeats 500] [--out bench/results/sparse.json]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def bench(name: str, paths: StagePaths, repeats: int) -> dict:
         structured = stage_metrics["variants"][variant]["method"] == "filter"
         models[variant] = (load_variant(kind, folder / variant, d.path), structured)
     with tempfile.TemporaryDirectory() as scratch:
-        sides = measure(kind, d, models, example, Path(scratch), repeats)
+        sides = measure(kind, d, models, example, Path(scratch), repeats, params.sparse.latency_threads)
     reference = sides["dense"]
     rows = {variant: {"method": stage_metrics["variants"][variant]["method"],
                       "weight_sparsity": weight_sparsity(models[variant][0]), **compare(reference, sides[variant])}
@@ -123,7 +123,7 @@ def print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deliverables", nargs="*", default=None)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sparse.json")
     args = parser.parse_args()
     paths = StagePaths(ROOT)

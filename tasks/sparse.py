@@ -81,7 +81,7 @@ def run(params: Params, paths: StagePaths, name: str) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         models = {DENSE: (dense, True), **{v.name: (v.model, v.structured) for v in variants}}
-        sides = measure(kind, d, models, example, Path(scratch), cfg.latency_repeats)
+        sides = measure(kind, d, models, example, Path(scratch), cfg.latency_repeats, cfg.latency_threads)
     reference = sides[DENSE]
     results = {}
     for v in variants:

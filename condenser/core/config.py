@@ -393,7 +393,7 @@ class SensitivityParams(Section):
     # Sparsity levels at which each layer alone is magnitude-pruned; hass chooses among these.
     levels: list[float] = [0.5, 0.75, 0.9, 0.95, 0.98]
     # Calibration examples the output error is measured on.
-    examples: int = Field(64, ge=1)
+    examples: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _levels(self) -> SensitivityParams:
@@ -429,7 +429,11 @@ class SparseParams(Section):
     calibration: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
-    latency_repeats: int = Field(200, ge=1)
+    latency_repeats: int = Field(500, ge=1)
+    # ONNX Runtime intra-op threads when timing: 1, as a phone runs a model this small on one core; with
+    # more, per-node thread hand-offs dominate these graphs and hide the gain of fewer channels. None:
+    # ONNX Runtime's default (one per physical core).
+    latency_threads: int | None = Field(1, ge=1)
     sensitivity: SensitivityParams = SensitivityParams()
     methods: dict[str, SparseMethodParams] = Field(default_factory=_default_sparse_methods)
     # Per deliverable, the variant that flows on to quantize: a method name, or "dense".

@@ -48,11 +48,12 @@ def load_variant(kind: Kind, folder: Path, source: Path) -> nn.Module:
 
 
 def measure(kind: Kind, d: Deliverable, models: dict[str, tuple[nn.Module, bool]], example: Inputs, scratch: Path,
-            repeats: int) -> dict[str, dict]:
+            repeats: int, threads: int | None = 1) -> dict[str, dict]:
     """One side of the contract for each named (model, structured): quality, profile (size = the shipped
     file's bytes: values + bitmask unless the model is dense or physically smaller), non-zero MACs (what
     a sparse accelerator executes: each prunable layer's MACs times its density), and ONNX Runtime CPU
-    latency at batch 1, all models timed side by side (condenser.runtime.measure.compare_latency)."""
+    latency at batch 1 on `threads` intra-op threads, all models timed side by side
+    (condenser.runtime.measure.compare_latency)."""
     sides, files = {}, {}
     for name, (model, structured) in models.items():
         prof = profile(kind.exportable(model), tuple(example.values()))
@@ -64,5 +65,5 @@ def measure(kind: Kind, d: Deliverable, models: dict[str, tuple[nn.Module, bool]
         prof["nonzero_macs"] = int(round(prof["macs"] - skipped))
         files[name] = export(kind, model, example, Path(scratch) / f"{name}.onnx")
         sides[name] = (kind.evaluate(model, d), prof)
-    timings = compare_latency(files, {k: v.numpy() for k, v in example.items()}, repeats)
+    timings = compare_latency(files, {k: v.numpy() for k, v in example.items()}, repeats, threads=threads)
     return {name: block(quality, prof, {"onnxruntime": timings[name]}) for name, (quality, prof) in sides.items()}
