@@ -194,3 +194,16 @@ def test_compare_refuses_blocks_with_different_keys():
 def test_block_refuses_quality_keys_that_clash():
     with pytest.raises(ValueError, match="params"):
         block({"params": 1.0}, {"params": 10}, {})
+
+
+def test_compare_latency_times_every_file_in_rounds(tmp_path):
+    small = export(conv_net(), tmp_path / "small.onnx")
+    torch.manual_seed(0)
+    wide = export(nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 3, 3, padding=1)),
+                  tmp_path / "wide.onnx")
+    feed = {"image": np.zeros((1, 3, 16, 16), np.float32)}
+    timed = measure.compare_latency({"small": small, "wide": wide}, feed, repeats=40, rounds=4, warmup=1, threads=1)
+    assert set(timed) == {"small", "wide"}
+    assert all((t.repeats, t.warmup, t.threads) == (40, 1, 1) for t in timed.values())
+    # 85x the MACs: measured side by side, the wide net is the slower one.
+    assert timed["wide"].median_ms > timed["small"].median_ms

@@ -102,7 +102,11 @@ def _user_folder_params(folder: Path) -> dict:
     # Concepts must edit an attribute the user's labels have (checked when params load): one colour edit.
     raw["distill_data"]["concepts"] = {"redden": {"color": "red", "pairs": 4, "heldout": 4}}
     raw["gan_base"]["concepts"] = raw["lora"]["concepts"] = ["redden"]
-    raw["deliverables"] = {"editor_redden": {"kind": "gan_editor", "path": "data/lora/redden/merged"}}
+    raw["deliverables"] = {"editor_redden": {"kind": "gan_editor", "path": "data/lora/redden/merged",
+                                             "data": "data/distill_data/redden"}}
+    # The sparse methods run on the one editor there is (the tiny studies name the student and bold).
+    raw["sparse"]["methods"] = {"filter50": raw["sparse"]["methods"]["filter50"]}
+    raw["sparse"]["chain"] = {"editor_redden": "filter50"}
     return raw
 
 
