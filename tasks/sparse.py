@@ -31,14 +31,13 @@ from condenser.compress.contract import compare
 from condenser.compress.sparse.masks import layer_sparsity, weight_sparsity
 from condenser.compress.sparse.methods import METHODS, Context, Variant
 from condenser.compress.sparse.train import Examples
-from condenser.compress.sparse.variants import ONNX_FILE, SPARSE_FILE, measure, save_variant
+from condenser.compress.sparse.variants import CHAIN, ONNX_FILE, SPARSE_FILE, measure, save_variant
 from condenser.core.config import DENSE, Params
 from condenser.core.errors import ConfigError
 from condenser.core.io import StagePaths, write_json
 from condenser.core.stage import Stage, stage_main
 from condenser.deliverables import Deliverable, deliverable
 
-CHAIN = "chain"
 __all__ = ["CHAIN", "ONNX_FILE", "SPARSE_FILE", "run"]
 
 

@@ -61,6 +61,19 @@ TINY_PARAMS = {
                            "hass90": {"kind": "hass", "sparsity": 0.9, "units": 256, "steps": 4,
                                       "deliverables": ["student", "editor_bold"]}},
                "chain": {"student": "pf90", "editor_bold": "filter50", "editor_italic": "pf90"}},
+    # Both schemes kinds (W8A8 deployed, W4A8 group-wise with sensitive layers kept), the timestep study on
+    # the student, Winograd on editor_bold. ExecuTorch lowering of a UNet takes minutes whatever its width:
+    # the stage test runs the student on ONNX Runtime only.
+    "quantize": {"seed": 0, "calibration": 8, "batch_size": 8,
+                 "schemes": {"w8a8": {},
+                             "w4a8_g4": {"weight_bits": 4, "group_size": 4, "symmetric": False,
+                                         "weight_range": "mse", "keep_sensitive": True}},
+                 "deploy": "w8a8", "runtimes": ["onnxruntime", "executorch"],
+                 "sensitivity": {"examples": 8, "threshold_db": 20.0},
+                 "timestep": {"schemes": ["w8a8"], "step": 0},
+                 "winograd": {"tiles": [4, 6], "group_size": 4, "steps": 20, "batch": 2,
+                              "deliverables": ["editor_bold"]},
+                 "latency_repeats": 5, "parity_examples": 4},
     "step_distill": {"seed": 0, "teacher_steps": 8, "student_steps": 2, "guidance_scale": 3.0,
                      "first_round_steps": 6, "train_steps_per_round": 6, "batch_size": 8, "lr": 1e-4,
                      "warmup_steps": 1, "reference_steps": 8, "eval_images": 8, "eval_batch_size": 8},

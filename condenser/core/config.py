@@ -452,6 +452,127 @@ class SparseParams(Section):
         return self
 
 
+QuantRange = Literal["minmax", "percentile", "mse"]
+Runtime = Literal["onnxruntime", "executorch"]
+
+
+class SchemeParams(Section):
+    """One post-training quantization scheme (condenser.compress.quantize.layers.QuantConfig)."""
+
+    # Bits of the weights (4 or 8) and of the activations (8; None: weights only).
+    weight_bits: Literal[4, 8] = 8
+    activation_bits: Literal[8] | None = 8
+    # None: a scale per output channel; else per output channel and group of this many input channels.
+    # It must divide the input channels of every layer at least that wide (narrower layers: per channel).
+    group_size: int | None = Field(None, ge=1)
+    # Weights symmetric (zero point 0) or asymmetric; activations are asymmetric uint8 (ONNX Runtime U8S8).
+    symmetric: bool = True
+    weight_range: QuantRange = "minmax"
+    activation_range: QuantRange = "minmax"
+    # For a percentile range: the upper percentile kept (and 100 minus it at the low end).
+    percentile: float = Field(99.99, gt=50, le=100)
+    # Layers whose output SQNR (quantize.sensitivity) falls under quantize.sensitivity.threshold_db stay in
+    # higher precision: 16-bit float in an 8-bit scheme, 8-bit weights in a 4-bit one.
+    keep_sensitive: bool = False
+    # The deliverables it runs on; None: every deliverable.
+    deliverables: list[str] | None = None
+
+
+class QuantSensitivityParams(Section):
+    # Calibration examples each layer's output SQNR is measured on.
+    examples: int = Field(32, ge=1)
+    # A layer under this SQNR (dB) is kept in higher precision by schemes with keep_sensitive.
+    threshold_db: float = 20.0
+
+
+class TimestepParams(Section):
+    """Timestep-aware calibration (ranges from every step of the sampler) against ranges from one step,
+    on the sd_unet deliverables."""
+
+    # Schemes also calibrated on a single step (variants named <scheme>_t<step>).
+    schemes: list[str] = ["w8a8", "w4a8_g32"]
+    # Which step of the deliverable's sampler (0: the first, noisiest).
+    step: int = Field(0, ge=0)
+
+
+class WinogradParams(Section):
+    """Winograd-domain quantization (simulated: no runtime here executes Winograd-domain int8)."""
+
+    # Output tile sizes m of F(m, 3).
+    tiles: list[Literal[2, 4, 6]] = [4, 6]
+    # The plain scheme it is compared with, whose bits and calibrated input ranges it uses; 8-bit.
+    scheme: str = "w8a8"
+    # Winograd-domain weights per output channel, tap and group of this many input channels (None: all the
+    # input channels of a tap); inputs per tap, tile and group. Groups of 8 divide every width here.
+    group_size: int | None = Field(8, ge=1)
+    # Data-free tuning of the transform matrices' scale parameters: steps per layer, learning rate, and
+    # the random inputs per step.
+    steps: int = Field(100, ge=0)
+    lr: float = Field(0.01, gt=0)
+    batch: int = Field(4, ge=1)
+    deliverables: list[str] | None = None
+
+
+def _default_schemes() -> dict[str, SchemeParams]:
+    # The editors' pruned widths (8, 24, 48 channels) take groups of 8; the student's (32..384) of 32.
+    editors = [f"editor_{c}" for c in LoraParams().concepts]
+    return {
+        "w8a8": SchemeParams(),
+        "w8a8_mse": SchemeParams(weight_range="mse", activation_range="percentile", deliverables=["editor_bold",
+                                                                                                  "student"]),
+        "w4a8_g8": SchemeParams(weight_bits=4, group_size=8, symmetric=False, weight_range="mse",
+                                keep_sensitive=True, deliverables=editors),
+        "w4a8_g32": SchemeParams(weight_bits=4, group_size=32, symmetric=False, weight_range="mse",
+                                 keep_sensitive=True, deliverables=["student"]),
+    }
+
+
+class QuantizeParams(Section):
+    seed: int = 0
+    # Training examples whose model inputs calibrate the activation ranges (the student: every UNet call
+    # of its sampler on this many captions).
+    calibration: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    schemes: dict[str, SchemeParams] = Field(default_factory=_default_schemes)
+    # The scheme the runtimes execute: 8-bit per-channel symmetric weights, uint8 activations (U8S8).
+    deploy: str = "w8a8"
+    runtimes: list[Runtime] = ["onnxruntime", "executorch"]
+    sensitivity: QuantSensitivityParams = QuantSensitivityParams()
+    timestep: TimestepParams = TimestepParams()
+    winograd: WinogradParams = WinogradParams(deliverables=["editor_bold", "student"])
+    # Batch-1 latency: calls per model, timed side by side, on this many threads (1: as a phone runs a
+    # model this small on one core).
+    latency_repeats: int = Field(300, ge=1)
+    latency_threads: int = Field(1, ge=1)
+    # Examples of the calibration set the parity of deployed against simulated outputs is measured on.
+    parity_examples: int = Field(16, ge=1)
+    # Held-out examples every quality figure of the stage is computed on, fp32 included (None: all): the
+    # student samples a dozen variants, each a full pass of its sampler.
+    eval_images: int | None = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeParams:
+        for name, s in self.schemes.items():
+            if "." in name or "/" in name:
+                raise ValueError(f"quantize.schemes.{name}: a scheme name may not hold '.' or '/' (it names a "
+                                 "folder and a metrics key)")
+        for key, name in (("deploy", self.deploy), ("winograd.scheme", self.winograd.scheme),
+                          *(("timestep.schemes", n) for n in self.timestep.schemes)):
+            if name not in self.schemes:
+                raise ValueError(f"quantize.{key}: '{name}' is not in quantize.schemes ({', '.join(self.schemes)})")
+        d = self.schemes[self.deploy]
+        if (d.weight_bits, d.activation_bits, d.group_size, d.symmetric) != (8, 8, None, True):
+            raise ValueError(f"quantize.deploy: scheme '{self.deploy}' must be 8-bit per-channel symmetric weights "
+                             "with 8-bit activations (weight_bits 8, activation_bits 8, group_size null, symmetric "
+                             "true): what ONNX Runtime and XNNPACK execute in integer arithmetic")
+        w = self.schemes[self.winograd.scheme]
+        if (w.weight_bits, w.activation_bits) != (8, 8):
+            raise ValueError(f"quantize.winograd.scheme: '{self.winograd.scheme}' must be W8A8 (the paper's setting)")
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError("quantize.runtimes: a runtime is listed twice")
+        return self
+
+
 def _default_deliverables() -> dict[str, DeliverableParams]:
     return {"student": DeliverableParams(kind="sd_unet", path="data/step_distill", data="data/prepare"),
             **{f"editor_{c}": DeliverableParams(kind="gan_editor", path=f"data/lora/{c}/merged",
@@ -470,6 +591,7 @@ class Params(Section):
     # What sparse / quantize / validate work on: name -> kind + folder.
     deliverables: dict[str, DeliverableParams] = Field(default_factory=_default_deliverables)
     sparse: SparseParams = SparseParams()
+    quantize: QuantizeParams = QuantizeParams()
 
     @model_validator(mode="after")
     def _concepts_exist(self) -> Params:
@@ -551,6 +673,24 @@ class Params(Section):
             if runs_on is not None and d not in runs_on:
                 raise ValueError(f"sparse.chain.{d}: method '{variant}' does not run on '{d}' "
                                  f"(sparse.methods.{variant}.deliverables); add it there")
+        return self
+
+
+    @model_validator(mode="after")
+    def _quantize_targets_known(self) -> Params:
+        q = self.quantize
+        entries = [(f"schemes.{n}", s.deliverables) for n, s in q.schemes.items()]
+        entries.append(("winograd", q.winograd.deliverables))
+        for key, targets in entries:
+            unknown = [d for d in targets or [] if d not in self.deliverables]
+            if unknown:
+                raise ValueError(f"quantize.{key}.deliverables: {', '.join(unknown)} not in deliverables "
+                                 f"({', '.join(sorted(self.deliverables))})")
+        deploy_on = q.schemes[q.deploy].deliverables
+        missing = [d for d in self.deliverables if deploy_on is not None and d not in deploy_on]
+        if missing:
+            raise ValueError(f"quantize.schemes.{q.deploy}.deliverables: the deploy scheme must run on every "
+                             f"deliverable; {', '.join(missing)} missing (leave deliverables out)")
         return self
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,12 @@ class Kind(ABC):
         """A module whose forward takes the inputs positionally and returns the output tensor (ONNX)."""
         return model
 
+    def deployed(self, model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]) -> nn.Module:
+        """A stand-in for `model` whose output comes from a runtime: `run` takes the exported model's
+        positional inputs (the keys of `example_inputs`, in order) and returns its output. `evaluate` on it
+        gives the quality of the deployed model, computed from the runtime's own outputs."""
+        return Deployed(model, run)
+
     def filter_spec(self, model: nn.Module) -> FilterSpec:
         """What filter pruning (condenser.compress.sparse.filters) must know about `model`: by default
         nothing, since the layer producing the output keeps its width anyway. A kind adds the layers
@@ -99,3 +105,20 @@ class Kind(ABC):
     def loss(self, model: nn.Module, reference: nn.Module, inputs: Inputs) -> torch.Tensor:
         """The mean of `example_losses` over the batch."""
         return self.example_losses(model, reference, inputs).mean()
+
+
+class Deployed(nn.Module):
+    """`model`'s attributes (config, ...) with its forward computed by a runtime: the positional inputs
+    go to `run` as they are (a kind whose model takes other arguments overrides `Kind.deployed`)."""
+
+    def __init__(self, model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.run = run
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(inputs)

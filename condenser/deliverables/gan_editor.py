@@ -9,7 +9,7 @@ preservation), as the lora stage does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from condenser.compress.sparse.filters import SIDECAR, FilterSpec, load_resized, write_sidecar
+from condenser.core.errors import ConfigError
 from condenser.core.io import read_json
 from condenser.data.pairs import EditPairs, load_pairs, read_concept
-from condenser.deliverables.base import Deliverable, Inputs, Kind
+from condenser.deliverables.base import Deliverable, Deployed, Inputs, Kind
 from condenser.models.editor import (
     GENERATOR_CONFIG,
     GENERATOR_WEIGHTS,
@@ -32,6 +33,16 @@ from condenser.models.editor import (
 )
 from condenser.models.judge import load_judge
 from condenser.quality import edit_quality
+
+
+class _DeployedEditor(Deployed):
+    """The exported editor takes only the image: its concept is fixed (the config's default)."""
+
+    def forward(self, x: torch.Tensor, concept: torch.Tensor | None = None) -> torch.Tensor:
+        default = self.model.concept_index(None)
+        if concept is not None and bool((concept != default).any()):
+            raise ValueError("the deployed editor edits only its own concept")
+        return self.run((x,))
 
 
 class GanEditor(Kind):
@@ -66,7 +77,7 @@ class GanEditor(Kind):
         concept = self.load(deliverable.path).config.default
         spec = read_concept(deliverable.data)
         if spec.name != concept:
-            raise ValueError(f"deliverables.{deliverable.name}.data: {deliverable.data} holds the pairs of concept "
+            raise ConfigError(f"deliverables.{deliverable.name}.data: {deliverable.data} holds the pairs of concept "
                              f"'{spec.name}', but the editor at {deliverable.path} edits '{concept}'; point data "
                              f"at data/distill_data/{concept}")
         return concept
@@ -95,6 +106,9 @@ class GanEditor(Kind):
 
         set_seed(seed)
         return Generator(model.config).eval()
+
+    def deployed(self, model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]) -> nn.Module:
+        return _DeployedEditor(model, run)
 
     def error(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L1 to the dense editor's edit, per example: the L1 term of the editor's own (pix2pix) objective."""

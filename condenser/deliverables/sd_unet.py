@@ -10,7 +10,7 @@ timestep of the schedule (Q-Diffusion's observation, the setting of the Winograd
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from condenser.compress.sparse.filters import SIDECAR, FilterSpec, load_resized,
 from condenser.core.config import SampleParams
 from condenser.core.io import read_json
 from condenser.data.images import load_split
-from condenser.deliverables.base import Deliverable, Inputs, Kind
+from condenser.deliverables.base import Deliverable, Deployed, Inputs, Kind
 from condenser.distill.step_distill import SAMPLING_FILE
 from condenser.models.judge import HEADS, load_judge
 from condenser.models.teacher import load_checkpoint, sample
@@ -39,6 +39,27 @@ class _TensorOut(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _DeployedUnet(Deployed):
+    """The UNet as the pipeline calls it (keyword inputs, a scalar timestep, a dataclass or tuple back),
+    computed by a runtime that takes (sample, timestep per example, encoder_hidden_states)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # the runtimes here run on the CPU
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
+                return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        t = torch.as_tensor(timestep).reshape(-1).expand(len(sample))
+        out = self.run((sample, t, encoder_hidden_states))
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
 def _fix_widths(unet: nn.Module) -> None:
@@ -175,6 +196,9 @@ class SdUnet(Kind):
 
     def exportable(self, model: nn.Module) -> nn.Module:
         return _TensorOut(model).eval()
+
+    def deployed(self, model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]) -> nn.Module:
+        return _DeployedUnet(model, run)
 
     def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
         """FD to the real test images and prompt accuracy per head, sampling the test captions with the

@@ -41,3 +41,36 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     if threads is not None:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def op_profile(path: Path, feed: dict, runs: int = 50, threads: int | None = 1) -> dict:
+    """Where one run of the ONNX file at `path` spends its time, per operator type (ONNX Runtime's own
+    profiler, averaged over `runs` runs on `feed`): which operators run in integer arithmetic (QLinear*,
+    *Integer), the quantize/dequantize pairs around the float ones, and the float ones themselves, which
+    in a QDQ model are what stays out of int8 (GroupNorm exported as InstanceNormalization, Softmax, ...)."""
+    import json
+    import tempfile
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as scratch:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(scratch) / "ort")
+        runner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            runner.run(None, feed)
+        events = json.loads(Path(runner.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000 / runs
+    integer = {op: ms for op, ms in per_op.items() if op.startswith("QLinear") or "Integer" in op}
+    qdq = {op: ms for op, ms in per_op.items() if op in ("QuantizeLinear", "DequantizeLinear")}
+    floating = {op: ms for op, ms in per_op.items() if op not in integer and op not in qdq}
+    total = sum(per_op.values()) or 1.0
+    return {"per_op_ms": dict(sorted(per_op.items(), key=lambda kv: -kv[1])), "integer_ms": sum(integer.values()),
+            "qdq_ms": sum(qdq.values()), "float_ms": sum(floating.values()),
+            "float_ops": sorted(floating, key=lambda op: -floating[op]),
+            "share_outside_int8": (sum(qdq.values()) + sum(floating.values())) / total}

@@ -22,6 +22,8 @@ from condenser.runtime.onnx import export_onnx
 
 SPARSE_FILE = "weights.sparse.safetensors"
 ONNX_FILE = "model.onnx"
+# The variant `sparse.chain` names, in the deliverable's own format: what quantize loads.
+CHAIN = "chain"
 
 
 def export(kind: Kind, model: nn.Module, example: Inputs, path: Path) -> Path:
