@@ -107,6 +107,7 @@ def _user_folder_params(folder: Path) -> dict:
     # The sparse methods run on the one editor there is (the tiny studies name the student and bold).
     raw["sparse"]["methods"] = {"filter50": raw["sparse"]["methods"]["filter50"]}
     raw["sparse"]["chain"] = {"editor_redden": "filter50"}
+    raw["quantize"]["winograd"]["deliverables"] = ["editor_redden"]
     return raw
 
 
