@@ -87,6 +87,29 @@ def status(root: Path = ROOT_OPTION) -> None:
     Console(width=140).print(table)
 
 
+@app.command()
+def report(
+    root: Path = ROOT_OPTION,
+    screenshot: Path = typer.Option(None, "--screenshot", help="Also render the page in headless Chromium and "
+                                    "save a screenshot (PNG) there."),
+) -> None:
+    """The report in the terminal: per deliverable the chain's headline ratios, per target pass/fail."""
+    from condenser.report import summary
+
+    root = root.absolute()
+    html = root / "data" / "report" / "report.html"
+    if not html.is_file():
+        typer.echo(f"{html}: missing; run the pipeline (`condenser run`) or `dvc repro report` first", err=True)
+        raise typer.Exit(1)
+    typer.echo(summary(root))
+    typer.echo(f"\nthe page: {html}")
+    if screenshot is not None:
+        from condenser.report.browser import open_in_browser
+
+        open_in_browser(html, screenshot)
+        typer.echo(f"screenshot: {screenshot}")
+
+
 def _describe(changes: list) -> str:
     parts = []
     for change in changes:

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -37,6 +42,9 @@ from condenser.core.environment import git_revision
 from condenser.lineage import flatten, format_value, read_metrics, stage_record
 
 EXPECTATIONS_FILE = "expectations.json"
+# validate's pass/fail table and the report's page, published as they are written.
+TABLE_FILE = "table.md"
+REPORT_FILES = ("report.md", "report.html")
 # How much of a failed stage's output goes into the error that fails the flow.
 ERROR_TAIL_LINES = 40
 
@@ -208,6 +216,12 @@ def publish_artifacts(root: Path, spec: StageSpec, report: dict) -> None:
             description=f"Metrics of stage `{spec.name}` ({', '.join(spec.metrics)})",
         )
     for out in spec.outs:
+        folder = Path(root) / out
+        if (folder / TABLE_FILE).is_file():
+            create_markdown_artifact(key=f"{key}-table", markdown=(folder / TABLE_FILE).read_text(),
+                                     description=f"`{spec.name}`: pass/fail per deliverable and level")
+        if all((folder / f).is_file() for f in REPORT_FILES):
+            publish_report(folder, key)
         expectations = Path(root) / out / EXPECTATIONS_FILE
         if expectations.is_file():
             create_markdown_artifact(
@@ -215,6 +229,20 @@ def publish_artifacts(root: Path, spec: StageSpec, report: dict) -> None:
                 markdown=expectations_markdown(f"{out}/{EXPECTATIONS_FILE}", expectations),
                 description=f"Great Expectations validation of `{out}`",
             )
+
+
+def publish_report(folder: Path, key: str) -> None:
+    """The one-page report: its Markdown in the UI, a link to the self-contained HTML, and its plots."""
+    md, html = (folder / f for f in REPORT_FILES)
+    # Images in the Markdown are relative links the UI cannot follow: the plots go as image artifacts.
+    create_markdown_artifact(key=f"{key}-page", markdown=md.read_text(),
+                             description=f"The pipeline on one page ({html})")
+    create_link_artifact(key=f"{key}-html", link=html.absolute().as_uri(), link_text="report.html",
+                         description="The self-contained report (open in a browser on this machine)")
+    for png in sorted(folder.glob("pareto*.png")):
+        slug = re.sub(r"[^a-z0-9-]+", "-", png.stem.lower())
+        create_image_artifact(image_url=png.absolute().as_uri(), key=f"{key}-{slug}",
+                              description=f"{png.name} (quality against latency and size)")
 
 
 def expectations_markdown(title: str, path: Path) -> str:

@@ -50,8 +50,8 @@ from condenser.core.io import StagePaths, write_json
 from condenser.core.stage import Stage, stage_main
 from condenser.deliverables import Deliverable, deliverable
 from condenser.runtime.executorch import Lowering, compare_pte_latency, pte_runner
-from condenser.runtime.measure import compare_latency
-from condenser.runtime.onnx import op_profile, session
+from condenser.runtime.measure import compare_latency, output_parity
+from condenser.runtime.onnx import onnx_runner, op_profile
 from condenser.runtime.onnx_quant import quantize_onnx
 
 ORT, ET = "onnxruntime", "executorch"
@@ -304,20 +304,6 @@ def _scales(sim: nn.Module) -> dict:
     return out
 
 
-def _ort_runner(path: Path, names: list[str]):
-    runner = session(path)
-
-    def run(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
-        return torch.from_numpy(runner.run(None, feed)[0])
-    return run
-
-
-def _parity(deployed: torch.Tensor, simulated: torch.Tensor) -> dict:
-    diff = (deployed.float() - simulated.float()).abs()
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
-
-
 def _onnxruntime(params: Params, work: Work, sim: nn.Module, files: dict, example: dict) -> dict:
     kind, model = work.kind, work.model
     clock = time.perf_counter()
@@ -327,15 +313,15 @@ def _onnxruntime(params: Params, work: Work, sim: nn.Module, files: dict, exampl
     feeds = [{k: v.numpy() for k, v in b.items()} for b in work.batches]
     report = quantize_onnx(files["fp32"], files["int8"], sim, feeds, prefix=prefix)
     names = list(example)
-    run = _ort_runner(files["int8"], names)
+    run = onnx_runner(files["int8"], names)
     with torch.no_grad():
         simulated = kind.forward(sim, work.parity)
     deployed_out = run(tuple(work.parity.values()))
-    fp32_out = _ort_runner(files["fp32"], names)(tuple(work.parity.values()))
+    fp32_out = onnx_runner(files["fp32"], names)(tuple(work.parity.values()))
     evaluate_start = time.perf_counter()
     quality = work.evaluate(kind.deployed(model, run))
-    return {"qdq": report.to_dict(), "parity": _parity(deployed_out, simulated),
-            "fp32_parity": _parity(fp32_out, work.reference_out),
+    return {"qdq": report.to_dict(), "parity": output_parity(deployed_out, simulated),
+            "fp32_parity": output_parity(fp32_out, work.reference_out),
             "deployed_sqnr_db": sqnr_db(work.reference_out, deployed_out), "quality": quality,
             "evaluate_s": time.perf_counter() - evaluate_start, "time_s": time.perf_counter() - clock}
 
@@ -349,7 +335,8 @@ def _executorch(work: Work, sim: nn.Module, files: dict) -> dict:
         simulated = kind.forward(sim, work.parity)
     evaluate_start = time.perf_counter()
     quality = work.evaluate(kind.deployed(work.model, run8))
-    return {"parity": _parity(run8(inputs), simulated), "fp32_parity": _parity(run32(inputs), work.reference_out),
+    return {"parity": output_parity(run8(inputs), simulated),
+            "fp32_parity": output_parity(run32(inputs), work.reference_out),
             "deployed_sqnr_db": sqnr_db(work.reference_out, run8(inputs)), "quality": quality,
             "evaluate_s": time.perf_counter() - evaluate_start, "time_s": time.perf_counter() - clock}
 

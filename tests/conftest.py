@@ -178,3 +178,80 @@ def deliverables_root(editor_root: Path) -> Path:
     if not (editor_root / "data" / "lora" / "bold" / "merged").is_dir():
         lora.run(params.lora, StagePaths(editor_root), "bold")
     return editor_root
+
+
+def quantize_raw(runtimes: list[str]) -> dict:
+    """Tiny params for the compression stages on the two deliverables of `deliverables_root`: the chain is
+    the filter-pruned editor (odd widths) and the dense student; one sparse method is enough."""
+    raw = tiny_params()
+    raw["sparse"]["methods"] = {"filter50": {**raw["sparse"]["methods"]["filter50"], "deliverables": ["editor_bold"]}}
+    raw["sparse"]["chain"] = {"student": "dense", "editor_bold": "filter50", "editor_italic": "dense"}
+    raw["quantize"]["runtimes"] = runtimes
+    return raw
+
+
+@pytest.fixture(scope="session")
+def quantized(deliverables_root: Path) -> dict:
+    """sparse and quantize run on the student (ONNX Runtime only: ExecuTorch lowering of a UNet takes minutes
+    whatever its width) and editor_bold (both runtimes), in place in deliverables_root; their metrics."""
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
+    from tasks import quantize, sparse
+
+    paths = StagePaths(deliverables_root)
+    for name in ("student", "editor_bold"):
+        sparse.run(parse_params(quantize_raw(["onnxruntime"])), paths, name)
+    return {"student": quantize.run(parse_params(quantize_raw(["onnxruntime"])), paths, "student"),
+            "editor_bold": quantize.run(parse_params(quantize_raw(["onnxruntime", "executorch"])), paths,
+                                        "editor_bold")}
+
+
+LOOSE_BUDGETS = {"latency_p50_ms": 1000.0, "latency_p95_ms": 2000.0, "model_bytes": 100_000_000,
+                 "peak_memory_bytes": 100_000_000}
+# One target of each sort the tiny deliverables can exercise quickly: ONNX Runtime and ExecuTorch measured,
+# cuda (skipped without a device), a microcontroller estimated (over its operators: recorded, gate warn).
+TINY_TARGETS = {
+    "cpu": {"kind": "onnxruntime", "repeats": 20, "budgets": {
+        "gan_editor": {**LOOSE_BUDGETS, "min_quality": {"psnr": 0.0}},
+        "sd_unet": {**LOOSE_BUDGETS, "min_quality": {"fd": 1e9}, "max_drop": {"prompt_accuracy.digit": 1.0}}}},
+    "mobile": {"kind": "executorch", "repeats": 10, "budgets": {"gan_editor": LOOSE_BUDGETS}},
+    "cuda": {"kind": "cuda", "levels": ["dense", "sparse"]},
+    "mcu": {"kind": "virtual", "estimator": "opcount", "opcount": {"ms_per_mop": 2.5, "overhead_ms": 2.0},
+            "levels": ["int8"], "int8_only": True, "gate": "warn",
+            "operators": ["Conv", "Add", "Mul", "Relu", "Reshape", "Concat"],
+            "budgets": {"gan_editor": {"peak_memory_bytes": 320_000}}},
+}
+
+
+def validate_raw(targets: dict | None = None) -> dict:
+    """Tiny params for validate and report on the two deliverables the `quantized` fixture compressed."""
+    raw = quantize_raw(["onnxruntime", "executorch"])
+    raw["deliverables"] = {k: v for k, v in raw["deliverables"].items() if k in ("student", "editor_bold")}
+    raw["sparse"]["chain"] = {"student": "dense", "editor_bold": "filter50"}
+    raw["targets"] = copy.deepcopy(targets or TINY_TARGETS)
+    raw["report"] = {"target": next(iter(raw["targets"]))}
+    raw["validate"] = {"parity_examples": 4, "samples": 4}
+    return raw
+
+
+@pytest.fixture(scope="session")
+def validated_root(quantized: dict, deliverables_root: Path, tmp_path_factory) -> Path:
+    """A copy of the compressed tiny project with validate run on every TINY_TARGETS target and its
+    params.yaml written: the finished pipeline run the report is built from (no dvc.lock: no DVC here)."""
+    import shutil
+
+    from condenser.core.config import parse_params
+    from condenser.core.io import StagePaths
+    from tasks import validate
+
+    root = tmp_path_factory.mktemp("validated")
+    for sub in ("data", "metrics", "plots"):
+        shutil.copytree(deliverables_root / sub, root / sub)
+    for sub in ("data", "metrics"):
+        shutil.rmtree(root / sub / "validate", ignore_errors=True)
+    raw = validate_raw()
+    write_params(root, raw)
+    params = parse_params(raw)
+    for target in params.targets:
+        validate.run(params, StagePaths(root), target)
+    return root

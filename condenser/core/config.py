@@ -573,6 +573,173 @@ class QuantizeParams(Section):
         return self
 
 
+Gate = Literal["fail", "warn"]
+Level = Literal["dense", "sparse", "int8"]
+LEVELS: tuple[str, ...] = ("dense", "sparse", "int8")
+
+
+class Budgets(Section):
+    """What a deliverable must meet on a target; a budget left out is not checked. Quality keys are the
+    kind's metrics (`fd`, `psnr`, ...; nested ones dotted: `prompt_accuracy.digit`)."""
+
+    latency_p50_ms: float | None = Field(None, gt=0)
+    latency_p95_ms: float | None = Field(None, gt=0)
+    # The file as deployed (flash on a microcontroller).
+    model_bytes: int | None = Field(None, ge=1)
+    # Peak activation memory (SRAM on a microcontroller): the liveness pass over the ONNX graph.
+    peak_memory_bytes: int | None = Field(None, ge=1)
+    # The worst value allowed: a floor for higher-is-better metrics, a ceiling for lower-is-better ones (FD).
+    min_quality: dict[str, float] = {}
+    # The largest drop allowed against the teacher's own value of the metric (metrics the teacher has).
+    max_drop: dict[str, float] = Field(default_factory=dict)
+
+
+class TargetBase(Section):
+    # fail: a failed budget fails the stage (and the flow run); warn: it passes and is recorded.
+    gate: Gate = "fail"
+    # Per deliverable kind (gan_editor, sd_unet) or deliverable name; a name wins over its kind.
+    budgets: dict[str, Budgets] = {}
+    # The ONNX operator types the target runs (null: any); a node outside them fails, named.
+    operators: list[str] | None = None
+    # The compression levels validated on this target (those that exist: sparse only where sparse.chain
+    # names a method).
+    levels: list[Level] = ["dense", "sparse", "int8"]
+
+
+class MeasuredTarget(TargetBase):
+    """A target whose runtime runs here: the deployed files are run, timed and compared with PyTorch."""
+
+    kind: Literal["onnxruntime", "executorch", "cuda"]
+    repeats: int = Field(300, ge=1)
+    threads: int = Field(1, ge=1)
+
+
+class OpcountParams(Section):
+    """MicroNets: latency linear in the model's op count."""
+
+    ms_per_mop: float = Field(2.5, gt=0)
+    overhead_ms: float = Field(2.0, ge=0)
+
+
+class RooflineParams(Section):
+    """Per-operator roofline: max(ops / peak, bytes / bandwidth) + a fixed cost per operator, summed."""
+
+    int8_tops: float = Field(4.0, gt=0)
+    float_tops: float = Field(1.0, gt=0)
+    bandwidth_gbps: float = Field(10.0, gt=0)
+    op_overhead_us: float = Field(5.0, ge=0)
+
+
+class PredictorUse(Section):
+    """The learned predictor's estimate for a measured target, scaled to the virtual device."""
+
+    target: Literal["cpu", "mobile"] = "mobile"
+    # The virtual device's latency relative to the measured one (2.0: twice as slow).
+    scale: float = Field(1.0, gt=0)
+
+
+class DataflowParams(Section):
+    """The layer-pipelined accelerator sparse's hass method searches against (one cost model)."""
+
+    units: int = Field(256, ge=1)
+    clock_mhz: float = Field(200.0, gt=0)
+
+
+Estimator = Literal["opcount", "roofline", "predictor", "dataflow"]
+
+
+class VirtualTarget(TargetBase):
+    """A device we cannot run: latency estimated from the graph by `estimator`, with that block's settings."""
+
+    kind: Literal["virtual"]
+    estimator: Estimator
+    opcount: OpcountParams | None = None
+    roofline: RooflineParams | None = None
+    predictor: PredictorUse | None = None
+    dataflow: DataflowParams | None = None
+    # Every compute operator must run in int8 (a microcontroller's CMSIS-NN kernels).
+    int8_only: bool = False
+
+    @model_validator(mode="after")
+    def _estimator_configured(self) -> VirtualTarget:
+        if getattr(self, self.estimator) is None:
+            raise ValueError(f"estimator '{self.estimator}' needs its settings: add a `{self.estimator}:` block "
+                             "to this target")
+        return self
+
+
+TargetParams = Annotated[MeasuredTarget | VirtualTarget, Field(discriminator="kind")]
+
+# CMSIS-NN's int8 operators (ExecuTorch's Cortex-M backend, DESIGN.md) as ONNX operator types, plus the
+# data-movement operators a microcontroller runtime does without a kernel.
+MCU_OPERATORS = ["Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Softmax",
+                 "Transpose", "Pad", "Relu", "Clip", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat",
+                 "Identity"]
+
+
+def _default_targets() -> dict:
+    editor = Budgets(latency_p50_ms=1.0, latency_p95_ms=2.0, model_bytes=2_000_000, peak_memory_bytes=1_000_000,
+                     min_quality={"concept_accuracy": 0.5}, max_drop={"concept_accuracy": 0.5})
+    unet = Budgets(latency_p50_ms=10.0, latency_p95_ms=20.0, model_bytes=10_000_000,
+                   peak_memory_bytes=4_000_000, min_quality={"prompt_accuracy.digit": 0.9, "fd": 150.0},
+                   max_drop={"prompt_accuracy.digit": 0.05})
+    return {
+        "cpu": MeasuredTarget(kind="onnxruntime", budgets={"gan_editor": editor, "sd_unet": unet}),
+        "mobile": MeasuredTarget(kind="executorch", budgets={
+            "gan_editor": editor, "sd_unet": unet.model_copy(update={"latency_p50_ms": 15.0, "latency_p95_ms": 30.0})}),
+        "cuda": MeasuredTarget(kind="cuda", repeats=100, levels=["dense", "sparse"], budgets={
+            "gan_editor": Budgets(latency_p50_ms=5.0), "sd_unet": Budgets(latency_p50_ms=20.0)}),
+        "mcu": VirtualTarget(kind="virtual", estimator="opcount", opcount=OpcountParams(), gate="warn",
+                             levels=["int8"], int8_only=True, operators=MCU_OPERATORS, budgets={
+                                 "gan_editor": Budgets(latency_p50_ms=100.0, model_bytes=1_000_000,
+                                                       peak_memory_bytes=320_000),
+                                 "sd_unet": Budgets(latency_p50_ms=1000.0, model_bytes=2_000_000,
+                                                    peak_memory_bytes=320_000)}),
+        "npu": VirtualTarget(kind="virtual", estimator="roofline", roofline=RooflineParams(), gate="warn",
+                             budgets={"gan_editor": Budgets(latency_p50_ms=0.5),
+                                      "sd_unet": Budgets(latency_p50_ms=2.0)}),
+        "dataflow": VirtualTarget(kind="virtual", estimator="dataflow", dataflow=DataflowParams(), gate="warn",
+                                  budgets={"gan_editor": Budgets(latency_p50_ms=1.0),
+                                           "sd_unet": Budgets(latency_p50_ms=2.0)}),
+    }
+
+
+class ValidateParams(Section):
+    seed: int = 0
+    # Inputs the deployed file and PyTorch are compared on (parity), and the sample grids' columns.
+    parity_examples: int = Field(8, ge=1)
+    samples: int = Field(8, ge=1)
+
+
+class PredictorParams(Section):
+    """PerfSAGE: a graph neural network over ONNX graphs, trained on latencies measured here. The measured
+    dataset persists across runs (DVC `persist`): each run measures the next `batch` variants of the
+    population and retrains on all rows measured on this machine."""
+
+    seed: int = 0
+    # The sampled population of variants of the two deliverable families (deterministic in seed).
+    variants: int = Field(480, ge=10)
+    # New variants measured per run on cpu, and how many of them on mobile too (ExecuTorch lowering costs
+    # seconds each).
+    batch: int = Field(100, ge=1)
+    mobile_batch: int = Field(8, ge=0)
+    repeats: int = Field(50, ge=1)
+    threads: int = Field(1, ge=1)
+    # Fraction of variants held out (by a hash of the variant's id: stable as the dataset grows).
+    holdout: float = Field(0.2, gt=0, lt=1)
+    hidden: int = Field(32, ge=4)
+    layers: int = Field(3, ge=1)
+    # Training steps, each on a seeded chunk of 16 graphs: a fixed cost however large the dataset grows.
+    steps: int = Field(3000, ge=1)
+    lr: float = Field(0.003, gt=0)
+
+
+class ReportParams(Section):
+    title: str = "Condenser report"
+    # The target whose latencies the chain tables and the Pareto plots use.
+    target: str = "cpu"
+
+
 def _default_deliverables() -> dict[str, DeliverableParams]:
     return {"student": DeliverableParams(kind="sd_unet", path="data/step_distill", data="data/prepare"),
             **{f"editor_{c}": DeliverableParams(kind="gan_editor", path=f"data/lora/{c}/merged",
@@ -592,6 +759,11 @@ class Params(Section):
     deliverables: dict[str, DeliverableParams] = Field(default_factory=_default_deliverables)
     sparse: SparseParams = SparseParams()
     quantize: QuantizeParams = QuantizeParams()
+    predictor: PredictorParams = PredictorParams()
+    # Hardware targets: name -> measured (a runtime here) or virtual (an estimator), budgets and gate.
+    targets: dict[str, TargetParams] = Field(default_factory=_default_targets)
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _concepts_exist(self) -> Params:
@@ -691,6 +863,21 @@ class Params(Section):
         if missing:
             raise ValueError(f"quantize.schemes.{q.deploy}.deliverables: the deploy scheme must run on every "
                              f"deliverable; {', '.join(missing)} missing (leave deliverables out)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _targets_consistent(self) -> Params:
+        kinds = {d.kind for d in self.deliverables.values()}
+        for name, target in self.targets.items():
+            if "." in name or "/" in name:
+                raise ValueError(f"targets.{name}: a target name may not hold '.' or '/' (it names a folder)")
+            for key in target.budgets:
+                if key not in kinds and key not in self.deliverables:
+                    raise ValueError(f"targets.{name}.budgets.{key}: not a deliverable kind in use "
+                                     f"({', '.join(sorted(kinds))}) nor a deliverable ({', '.join(self.deliverables)})")
+        if self.report.target not in self.targets:
+            raise ValueError(f"report.target: '{self.report.target}' is not in targets ({', '.join(self.targets)})")
         return self
 
 

@@ -66,6 +66,12 @@ class Kind(ABC):
     # Whether `initialization` can give the weights training started from (lottery-ticket rewinding).
     rewindable: bool = False
 
+    @abstractmethod
+    def samples(self, model: nn.Module, deliverable: Deliverable, n: int) -> dict[str, torch.Tensor]:
+        """Images for people to look at ([n, 3, H, W] in [0, 1]), the same ones for every model of the
+        deliverable: the model's own under "model", and the references beside them (an editor's sources and
+        the teacher's edits; the real images of the student's captions)."""
+
     def initialization(self, model: nn.Module, seed: int) -> nn.Module:
         """A model of `model`'s architecture holding the weights its training started from."""
         raise NotImplementedError(f"a {self.name} deliverable has no initial weights to rewind to")

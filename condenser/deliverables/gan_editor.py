@@ -114,6 +114,12 @@ class GanEditor(Kind):
         """L1 to the dense editor's edit, per example: the L1 term of the editor's own (pix2pix) objective."""
         return (output - target).abs().flatten(1).mean(1)
 
+    def samples(self, model: nn.Module, deliverable: Deliverable, n: int) -> dict[str, torch.Tensor]:
+        heldout = self._pairs(deliverable, "heldout.safetensors")
+        heldout = heldout.subset(range(min(n, len(heldout))))
+        edits = edit_images(model, heldout.sources, self._concept(deliverable), model.config.concepts)
+        return {"source": (heldout.sources + 1) / 2, "teacher": (heldout.edits + 1) / 2, "model": edits}
+
     def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
         concept = self._concept(deliverable)
         heldout = self._pairs(deliverable, "heldout.safetensors")

@@ -200,6 +200,16 @@ class SdUnet(Kind):
     def deployed(self, model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]) -> nn.Module:
         return _DeployedUnet(model, run)
 
+    def samples(self, model: nn.Module, deliverable: Deliverable, n: int) -> dict[str, torch.Tensor]:
+        """The first n test captions sampled with the deliverable's own sampler (seeds as in `evaluate`)."""
+        pipe = load_checkpoint(deliverable.path, key=f"deliverables.{deliverable.name}.path")
+        pipe.unet = model.eval()
+        settings = sampling(deliverable.path)
+        test = load_split(deliverable.data, "test")
+        n = min(n, len(test))
+        images = sample(pipe, test.captions[:n], settings["steps"], settings["guidance_scale"], 0, n)
+        return {"real": test.float_images()[:n], "model": images}
+
     def evaluate(self, model: nn.Module, deliverable: Deliverable, limit: int | None = None) -> dict:
         """FD to the real test images and prompt accuracy per head, sampling the test captions with the
         deliverable's own sampler and `model` as its UNet (the step_distill stage's protocol)."""

@@ -63,27 +63,40 @@ def onnx_latency(path: Path, feed: dict[str, np.ndarray], repeats: int, warmup: 
     return latency(lambda: runner.run(None, feed), repeats, warmup, threads=used)
 
 
-def compare_latency(files: dict[str, Path], feed: dict[str, np.ndarray], repeats: int, rounds: int = 5,
-                    warmup: int = 3, threads: int | None = None) -> dict[str, Latency]:
-    """ONNX Runtime CPU latency of several files on the same `feed`, measured side by side: each round
-    times every file in turn (repeats // rounds calls each), so a slow spell of a shared machine (another
-    process, a clock change) falls on all of them alike instead of on whichever was timed then. The
-    figures of one call are comparable; their ratios are what a comparison reports."""
-    runners = {name: session(path, threads) for name, path in files.items()}
-    used = threads if threads is not None else psutil.cpu_count(logical=False) or os.cpu_count() or 1
+def compare_calls(calls: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5, warmup: int = 3,
+                  threads: int = 1) -> dict[str, Latency]:
+    """Latency of several callables measured side by side: each round times every one in turn
+    (repeats // rounds calls each), so a slow spell of a shared machine (another process, a clock change)
+    falls on all of them alike instead of on whichever was timed then. The figures of one call are
+    comparable; their ratios are what a comparison reports. `threads` is recorded, not applied."""
     per_round = max(1, repeats // rounds)
-    times: dict[str, list[float]] = {name: [] for name in files}
-    for runner in runners.values():
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
         for _ in range(warmup):
-            runner.run(None, feed)
+            call()
     for _ in range(rounds):
-        for name, runner in runners.items():
+        for name, call in calls.items():
             for _ in range(per_round):
                 start = time.perf_counter()
-                runner.run(None, feed)
+                call()
                 times[name].append(time.perf_counter() - start)
     return {name: Latency(median_ms=float(np.median(t) * 1000), p95_ms=float(np.percentile(t, 95) * 1000),
-                          repeats=len(t), warmup=warmup, threads=used) for name, t in times.items()}
+                          repeats=len(t), warmup=warmup, threads=threads) for name, t in times.items()}
+
+
+def compare_latency(files: dict[str, Path], feed: dict[str, np.ndarray], repeats: int, rounds: int = 5,
+                    warmup: int = 3, threads: int | None = None) -> dict[str, Latency]:
+    """ONNX Runtime CPU latency of several files on the same `feed`, side by side (`compare_calls`)."""
+    runners = {name: session(path, threads) for name, path in files.items()}
+    used = threads if threads is not None else psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return compare_calls({name: (lambda r=runner: r.run(None, feed)) for name, runner in runners.items()},
+                         repeats, rounds, warmup, used)
+
+
+def output_parity(actual: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Largest and mean absolute difference between two outputs of the same inputs."""
+    diff = (actual.float() - expected.float()).abs()
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
 
 
 def parity(model: nn.Module, path: Path, inputs: dict[str, torch.Tensor]) -> float:

@@ -43,6 +43,17 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def onnx_runner(path: Path, names: list[str], threads: int | None = None):
+    """A function computing the file's first output for inputs given in `names`' order (tensors in, tensor
+    out), the session created once: a deployed model stands in for the PyTorch one through it."""
+    runner = session(path, threads)
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return torch.from_numpy(runner.run(None, feed)[0])
+    return run
+
+
 def op_profile(path: Path, feed: dict, runs: int = 50, threads: int | None = 1) -> dict:
     """Where one run of the ONNX file at `path` spends its time, per operator type (ONNX Runtime's own
     profiler, averaged over `runs` runs on `feed`): which operators run in integer arithmetic (QLinear*,

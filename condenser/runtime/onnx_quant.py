@@ -86,7 +86,7 @@ class QdqReport:
         return asdict(self)
 
 
-class _Feeds(CalibrationDataReader):
+class Feeds(CalibrationDataReader):
     """The calibration feeds, once each, as ONNX Runtime's calibrator reads them."""
 
     def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
@@ -292,7 +292,7 @@ def quantize_onnx(fp32: Path, out: Path, simulated: nn.Module, calibration: Iter
             node.name = node.name or f"{node.op_type}_{i}"  # nodes are quantized, excluded and verified by name
         overrides, to_quantize, expected = _plan(model.graph, layers, prefix, report)
         onnx.save(model, str(prepared))
-        quantize_static(str(prepared), str(out), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=_QUANTIZED_OPS,
                         nodes_to_quantize=sorted(to_quantize), nodes_to_exclude=report.excluded,
