@@ -191,14 +191,26 @@ def quantize_raw(runtimes: list[str]) -> dict:
 
 
 @pytest.fixture(scope="session")
-def quantized(deliverables_root: Path) -> dict:
+def quantized_root(deliverables_root: Path, tmp_path_factory) -> Path:
+    """A copy of deliverables_root of its own: other tests rerun sparse there with other chains, which would
+    leave quantize's files out of step with the chain the validate tests load."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("quantized")
+    for sub in ("data", "metrics", "plots"):
+        shutil.copytree(deliverables_root / sub, root / sub)
+    return root
+
+
+@pytest.fixture(scope="session")
+def quantized(quantized_root: Path) -> dict:
     """sparse and quantize run on the student (ONNX Runtime only: ExecuTorch lowering of a UNet takes minutes
-    whatever its width) and editor_bold (both runtimes), in place in deliverables_root; their metrics."""
+    whatever its width) and editor_bold (both runtimes), in quantized_root; their metrics."""
     from condenser.core.config import parse_params
     from condenser.core.io import StagePaths
     from tasks import quantize, sparse
 
-    paths = StagePaths(deliverables_root)
+    paths = StagePaths(quantized_root)
     for name in ("student", "editor_bold"):
         sparse.run(parse_params(quantize_raw(["onnxruntime"])), paths, name)
     return {"student": quantize.run(parse_params(quantize_raw(["onnxruntime"])), paths, "student"),
@@ -223,6 +235,10 @@ TINY_TARGETS = {
 }
 
 
+# dvc.yaml's validate stage iterates over params.yaml's targets: every tiny project's params list them.
+TINY_PARAMS["targets"] = copy.deepcopy(TINY_TARGETS)
+
+
 def validate_raw(targets: dict | None = None) -> dict:
     """Tiny params for validate and report on the two deliverables the `quantized` fixture compressed."""
     raw = quantize_raw(["onnxruntime", "executorch"])
@@ -235,7 +251,7 @@ def validate_raw(targets: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="session")
-def validated_root(quantized: dict, deliverables_root: Path, tmp_path_factory) -> Path:
+def validated_root(quantized: dict, quantized_root: Path, tmp_path_factory) -> Path:
     """A copy of the compressed tiny project with validate run on every TINY_TARGETS target and its
     params.yaml written: the finished pipeline run the report is built from (no dvc.lock: no DVC here)."""
     import shutil
@@ -246,7 +262,7 @@ def validated_root(quantized: dict, deliverables_root: Path, tmp_path_factory) -
 
     root = tmp_path_factory.mktemp("validated")
     for sub in ("data", "metrics", "plots"):
-        shutil.copytree(deliverables_root / sub, root / sub)
+        shutil.copytree(quantized_root / sub, root / sub)
     for sub in ("data", "metrics"):
         shutil.rmtree(root / sub / "validate", ignore_errors=True)
     raw = validate_raw()

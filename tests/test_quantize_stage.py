@@ -54,9 +54,9 @@ def test_schemes_and_runtimes_report_in_the_contract(results, name):
     assert m["goals"]  # every goal is reported, reached or not
 
 
-def test_ort_file_carries_the_stages_own_scales(results, deliverables_root):
+def test_ort_file_carries_the_stages_own_scales(results, quantized_root):
     for name in results:
-        folder = deliverables_root / "data" / "quantize" / name
+        folder = quantized_root / "data" / "quantize" / name
         scales = json.loads((folder / "scales.json").read_text())
         simulated = {round(s["input_scale"], 9) for s in scales.values() if "input_scale" in s}
         in_file = {round(s, 9) for s, _ in qdq_scales(folder / "onnxruntime" / "model.int8.onnx").values()}
@@ -65,11 +65,11 @@ def test_ort_file_carries_the_stages_own_scales(results, deliverables_root):
         assert len(simulated & in_file) >= 0.8 * len(simulated)
 
 
-def test_executorch_files_and_float_operators(results, deliverables_root):
-    editor = deliverables_root / "data" / "quantize" / "editor_bold" / "executorch"
+def test_executorch_files_and_float_operators(results, quantized_root):
+    editor = quantized_root / "data" / "quantize" / "editor_bold" / "executorch"
     # int8 weights: smaller even where the graph of a tiny model is most of the file.
     assert (editor / "model.fp32.pte").stat().st_size > 1.2 * (editor / "model.int8.pte").stat().st_size
-    assert not (deliverables_root / "data" / "quantize" / "student" / "executorch").exists()
+    assert not (quantized_root / "data" / "quantize" / "student" / "executorch").exists()
     # The ONNX Runtime profile names the operators left in float (the student's norms and attention).
     student = results["student"]["deployed"]["onnxruntime"]["float_ops"]
     assert student["float_ops"] and student["qdq_ms"] > 0
@@ -93,13 +93,13 @@ def test_winograd_on_the_editor(results):
     assert "winograd" not in results["student"]
 
 
-def test_group_size_that_does_not_divide_is_refused_before_any_work(results, deliverables_root):
+def test_group_size_that_does_not_divide_is_refused_before_any_work(results, quantized_root):
     raw = _raw(["onnxruntime"])
     raw["quantize"]["schemes"]["w4a8_g4"]["group_size"] = 3
-    out = deliverables_root / "data" / "quantize" / "editor_bold"
+    out = quantized_root / "data" / "quantize" / "editor_bold"
     before = (out / "manifest.json").read_text()
     with pytest.raises(ConfigError, match=r"quantize\.schemes\.w4a8_g4\.group_size: 3 does not divide"):
-        quantize.run(parse_params(raw), StagePaths(deliverables_root), "editor_bold")
+        quantize.run(parse_params(raw), StagePaths(quantized_root), "editor_bold")
     assert (out / "manifest.json").read_text() == before  # the previous output is untouched
 
 

@@ -25,8 +25,8 @@ def _run(root: Path, targets: dict, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def root(quantized: dict, deliverables_root: Path) -> Path:
-    return deliverables_root
+def root(quantized: dict, quantized_root: Path) -> Path:
+    return quantized_root
 
 
 @pytest.fixture(scope="module")
