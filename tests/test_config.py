@@ -99,3 +99,13 @@ def test_a_deliverable_needs_the_stage_that_makes_it():
     raw["deliverables"]["editor_thin"] = {"kind": "gan_unet", "path": "data/x", "data": "data/prepare"}
     with pytest.raises(ConfigError, match=r"deliverables.editor_thin.kind"):
         parse_params(raw)
+
+
+def test_flow_retries_per_stage_group_and_default():
+    from condenser.core.config import FlowParams
+
+    flow = FlowParams(retries={"default": 1, "validate": 3, "validate@cuda": 0})
+    assert [flow.retries_for(s) for s in ("teacher", "validate@cpu", "validate@cuda")] == [1, 3, 0]
+    assert FlowParams(retries={}).retries_for("teacher") == 0
+    with pytest.raises(ValueError, match="retries must be 0 or more"):
+        FlowParams(retries={"teacher": -1})

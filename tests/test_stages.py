@@ -1,6 +1,7 @@
 """Smoke runs of the prepare and evaluator stages into a temp root, and their failure modes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from condenser.core.config import parse_params
 from condenser.core.errors import DataError
 from condenser.core.io import StagePaths, md5_path
-from condenser.core.stage import Stage
+from condenser.core.stage import INPUT_ERROR, Stage
 from condenser.data.images import load_split
 from tasks import evaluator, prepare
 from tests.conftest import ROOT, tiny_params, write_params, write_user_folder
@@ -146,7 +147,7 @@ def test_stage_command_exits_nonzero_with_clear_message(tmp_path: Path):
     write_params(tmp_path, _user_folder_params(tmp_path / "mine"))
     proc = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 1
+    assert proc.returncode == INPUT_ERROR
     assert "prepare failed" in proc.stderr and "img7.png" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -180,3 +181,20 @@ def test_git_revision_is_dirty_for_code_not_for_pipeline_records(tmp_path: Path)
     assert git_revision(tmp_path) == sha
     (tmp_path / "params.yaml").write_text("1\n")
     assert git_revision(tmp_path) == f"{sha}-dirty"
+
+
+def test_atomic_dir_removes_what_a_killed_run_left(tmp_path: Path):
+    """A run killed with SIGKILL cannot clean up: its temp folder stays beside the output until the next run
+    of that stage, which removes temps whose process is gone and keeps a live one's."""
+    from condenser.core.io import atomic_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "data" / f".evaluator.tmp-{dead.pid}"
+    (stale / "sub").mkdir(parents=True)
+    live = tmp_path / "data" / f".evaluator.tmp-{os.getppid()}"
+    live.mkdir()
+    with atomic_dir(tmp_path / "data" / "evaluator") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "data" / "evaluator" / "model.safetensors").read_bytes() == b"x"

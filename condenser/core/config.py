@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from condenser.core.errors import ConfigError
 
@@ -723,7 +723,8 @@ class PredictorParams(Section):
     # seconds each).
     batch: int = Field(100, ge=1)
     mobile_batch: int = Field(8, ge=0)
-    repeats: int = Field(50, ge=1)
+    # 200 calls: the even/odd-round medians of one file disagree by half as much as at 50 (label noise).
+    repeats: int = Field(200, ge=1)
     threads: int = Field(1, ge=1)
     # Fraction of variants held out (by a hash of the variant's id: stable as the dataset grows).
     holdout: float = Field(0.2, gt=0, lt=1)
@@ -738,6 +739,33 @@ class ReportParams(Section):
     title: str = "Condenser report"
     # The target whose latencies the chain tables and the Pareto plots use.
     target: str = "cpu"
+
+
+class FlowParams(Section):
+    """How the Prefect flow runs the stages. No stage reads this section (DVC tracks none of it): changing it
+    reruns nothing.
+
+    A stage is retried only after a failure a retry can help: DVC's lock held by another process, the stage
+    killed by a signal (the OOM killer, a preempted machine), memory exhausted. A stage that failed on its
+    input (bad params or data: exit code 2) or on its own error fails at once, since it would fail again."""
+
+    # Retries per stage: a stage name (`validate@cuda`), a foreach group (`validate`), or `default`.
+    retries: dict[str, int] = Field(default_factory=lambda: {"default": 2})
+    retry_delay_s: float = Field(10.0, ge=0)
+
+    @field_validator("retries")
+    @classmethod
+    def _non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if v < 0}
+        if bad:
+            raise ValueError(f"retries must be 0 or more; got {bad}")
+        return value
+
+    def retries_for(self, stage: str) -> int:
+        for key in (stage, stage.split("@", 1)[0], "default"):
+            if key in self.retries:
+                return self.retries[key]
+        return 0
 
 
 def _default_deliverables() -> dict[str, DeliverableParams]:
@@ -764,6 +792,7 @@ class Params(Section):
     targets: dict[str, TargetParams] = Field(default_factory=_default_targets)
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     report: ReportParams = ReportParams()
+    flow: FlowParams = FlowParams()
 
     @model_validator(mode="after")
     def _concepts_exist(self) -> Params:

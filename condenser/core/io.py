@@ -6,6 +6,7 @@ stage leaves no partial output (docs/architecture.md, "The stage contract").
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -55,11 +56,36 @@ def md5_path(path: Path) -> str:
     return h.hexdigest()
 
 
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` that a killed run left (SIGKILL, OOM, power loss: no
+    `except` ran). A temp is named after the pid that wrote it; one whose process is gone is stale.
+    `.dvcignore` and `.gitignore` hide these names meanwhile, so a leftover never changes a dep's hash."""
+    removed = []
+    for old in Path(final).parent.glob(f".{glob.escape(Path(final).name)}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            removed.append(old)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # Another user's process holds that pid now: not ours to judge, keep the folder.
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -77,6 +103,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), keys sorted so reruns give the same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
     os.replace(tmp, path)

@@ -14,7 +14,7 @@ A stage reads inputs, writes one output folder (`data/<stage>[/<item>]`) atomica
     return stage.finish(metrics)                                            # metrics + run record
 
 `stage_main` is what every `python -m tasks.<stage>` calls: load params.yaml (all of it, so a typo anywhere
-fails before any work), run, and turn the known errors into one clear line and exit code 1.
+fails before any work), run, and turn the known errors into one clear line and exit code 2 (`INPUT_ERROR`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from condenser.core.environment import git_revision, library_versions, machine
 from condenser.core.errors import ConfigError, DataError, StageError
 from condenser.core.io import StagePaths, atomic_dir, md5_path, write_json
 
+# A stage that fails on its input (params, data, a missing file) exits with this: the flow never retries it.
+INPUT_ERROR = 2
 MANIFEST_FILE = "manifest.json"
 # What changes between reruns on the same inputs: never in manifest.json (DVC hashes it), always in
 # the metrics file's "run" block.
@@ -140,7 +142,7 @@ def stage_main(stage: str, run: Callable[..., dict], items: str | None = None, w
         metrics = run(cfg, *args)
     except (ConfigError, StageError, DataError, FileNotFoundError) as err:
         print(f"{stage} failed: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(INPUT_ERROR)
     flat = list(_flat(metrics).items())
     # The headline figures; a compression stage's per-layer tables stay in its metrics file.
     shown = ", ".join(f"{k}={v}" for k, v in flat[:SHOWN])

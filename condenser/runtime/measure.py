@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,25 +63,37 @@ def onnx_latency(path: Path, feed: dict[str, np.ndarray], repeats: int, warmup: 
     return latency(lambda: runner.run(None, feed), repeats, warmup, threads=used)
 
 
-def compare_calls(calls: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5, warmup: int = 3,
-                  threads: int = 1) -> dict[str, Latency]:
-    """Latency of several callables measured side by side: each round times every one in turn
-    (repeats // rounds calls each), so a slow spell of a shared machine (another process, a clock change)
-    falls on all of them alike instead of on whichever was timed then. The figures of one call are
-    comparable; their ratios are what a comparison reports. `threads` is recorded, not applied."""
+def timed_rounds(calls: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5, warmup: int = 3,
+                 progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, list[list[float]]]:
+    """Milliseconds of each call, per round: every call is warmed up, then each of `rounds` rounds times every
+    one in turn (repeats // rounds calls each), so a slow spell of a shared machine (another process, a clock
+    change) falls on all of them alike instead of on whichever was timed then. `progress` wraps the rounds."""
     per_round = max(1, repeats // rounds)
-    times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         for _ in range(warmup):
             call()
-    for _ in range(rounds):
+    times: dict[str, list[list[float]]] = {name: [] for name in calls}
+    for _ in (progress or iter)(range(rounds)):
         for name, call in calls.items():
+            laps = []
             for _ in range(per_round):
                 start = time.perf_counter()
                 call()
-                times[name].append(time.perf_counter() - start)
-    return {name: Latency(median_ms=float(np.median(t) * 1000), p95_ms=float(np.percentile(t, 95) * 1000),
-                          repeats=len(t), warmup=warmup, threads=threads) for name, t in times.items()}
+                laps.append((time.perf_counter() - start) * 1000)
+            times[name].append(laps)
+    return times
+
+
+def compare_calls(calls: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5, warmup: int = 3,
+                  threads: int = 1) -> dict[str, Latency]:
+    """Latency of several callables measured side by side (`timed_rounds`). The figures of one call are
+    comparable; their ratios are what a comparison reports. `threads` is recorded, not applied."""
+    out = {}
+    for name, per_round in timed_rounds(calls, repeats, rounds, warmup).items():
+        laps = np.concatenate(per_round)
+        out[name] = Latency(median_ms=float(np.median(laps)), p95_ms=float(np.percentile(laps, 95)),
+                            repeats=len(laps), warmup=warmup, threads=threads)
+    return out
 
 
 def compare_latency(files: dict[str, Path], feed: dict[str, np.ndarray], repeats: int, rounds: int = 5,

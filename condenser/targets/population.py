@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from condenser.compress.sparse.filters import prune_filters
 from condenser.core.environment import cpu_model
 from condenser.models.editor import Generator, GeneratorConfig
 from condenser.runtime.executorch import arena_bytes, compare_pte_latency, export_pte
+from condenser.runtime.measure import timed_rounds
 from condenser.runtime.onnx import export_onnx, session
 from condenser.runtime.onnx_quant import Feeds
 from condenser.targets.graph import Graph, Node, load_graph, peak_memory
@@ -438,24 +440,11 @@ def _onnx_call(path: Path, feed: dict[str, np.ndarray], threads: int) -> Callabl
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5, warmup: int = 3,
                      progress: bool = False) -> dict[str, dict[str, float]]:
-    """Per call, milliseconds of `repeats` calls after `warmup`: median, p95, min, and `noise`, the relative
-    difference between the medians of the even and the odd rounds (how far two measurements of the same file
-    disagree here, the floor under any predictor's error). As `condenser.runtime.measure.compare_calls` does, each
-    of `rounds` rounds times every call in turn, so a slow spell of the shared machine falls on many variants a
-    little rather than on one entirely."""
-    per_round = max(1, repeats // rounds)
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[list[float]]] = {name: [] for name in calls}
-    for _ in tqdm(range(rounds), desc="predictor: timing", unit="round", disable=not progress):
-        for name, call in calls.items():
-            laps = []
-            for _ in range(per_round):
-                start = time.perf_counter()
-                call()
-                laps.append((time.perf_counter() - start) * 1000)
-            times[name].append(laps)
+    """Per call, milliseconds of `repeats` calls after `warmup`, timed side by side (`timed_rounds`): median,
+    p95, min, and `noise`, the relative difference between the medians of the even and the odd rounds (how far
+    two measurements of the same file disagree here, the floor under any predictor's error)."""
+    bar = partial(tqdm, desc="predictor: timing", unit="round", disable=not progress)
+    times = timed_rounds(calls, repeats, rounds, warmup, progress=bar)
     out = {}
     for name, per in times.items():
         flat = np.concatenate(per)
