@@ -1,11 +1,18 @@
-"""Pipeline benchmark: cold time and peak memory per stage, and the cost of a no-op rerun.
+"""Pipeline benchmark: cold time and peak memory per stage, the cost of a no-op rerun, and the commit trigger.
 
-Runs in a scratch copy of the project (a fresh git + DVC repo), so the checkout's own outputs and
-`dvc.lock` are never touched. Cold: each stage by `dvc repro -s`, upstream first. No-op: `dvc repro`
-of the same stages, then the Prefect flow (its first call starts Prefect's ephemeral server, the second
-shows the steady cost).
+Cold (default): in a scratch copy of the project (a fresh git + DVC repo), so the checkout's own outputs and
+`dvc.lock` are never touched: each stage by `dvc repro -s`, upstream first; then a no-op `dvc repro` of the same
+stages and the Prefect flow (its first call starts Prefect's ephemeral server, the second shows the steady cost).
 
-    python bench/pipeline.py [--tiny] [--targets prepare evaluator] [--out bench/results/pipeline.json]
+--noop: in this checkout, which must be up to date (`make pipeline` first; nothing is written): a no-op
+`dvc repro`, `condenser run` as `make pipeline` runs it (ephemeral server started per run), and `condenser run`
+against a running server (what `condenser serve` gives), with the flow's own breakdown of where the time goes.
+
+--trigger: a tiny project (dvc.yaml's prepare and evaluator) served by `condenser serve` with the post-commit
+hook installed; each of a few commits changing a param is timed from `git commit` to its flow run's start and end.
+
+    python bench/pipeline.py [--tiny] [--targets prepare evaluator] [--noop] [--trigger]
+    [--out bench/results/pipeline.json]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,11 +32,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("condenser", "tasks", "flows", "dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
+PROJECT_FILES = ("condenser", "tasks", "flows", "dvc.yaml", "pyproject.toml", "prefect.yaml", ".gitignore",
+                 ".dvcignore")
 
 
-def scratch_project(dest: Path, params: dict | None = None, source: Path = ROOT) -> Path:
-    """A committed git + DVC repo at `dest` holding the project's code and `params` (default: its own)."""
+def scratch_project(dest: Path, params: dict | None = None, source: Path = ROOT,
+                    stages: list[str] | None = None) -> Path:
+    """A committed git + DVC repo at `dest` holding the project's code and `params` (default: its own);
+    with `stages`, its dvc.yaml keeps only those (e.g. prepare and evaluator: a real pipeline in seconds)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
@@ -37,12 +48,21 @@ def scratch_project(dest: Path, params: dict | None = None, source: Path = ROOT)
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.is_file():
             shutil.copy2(src, dest / name)
+    if stages:
+        dvc_file = yaml.safe_load((source / "dvc.yaml").read_text())
+        unknown = sorted(set(stages) - set(dvc_file["stages"]))
+        if unknown:
+            raise ValueError(f"{source / 'dvc.yaml'}: no stage {', '.join(unknown)}")
+        dvc_file["stages"] = {k: v for k, v in dvc_file["stages"].items() if k in stages}
+        (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc_file, sort_keys=False))
     if params is None:
         shutil.copy2(source / "params.yaml", dest / "params.yaml")
     else:
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@condenser.local"],
                 ["git", "config", "user.name", "condenser bench"], [*dvc(), "init", "-q"],
+                # As the project's own .dvc/config: no usage analytics (DVC ignores DO_NOT_TRACK).
+                [*dvc(), "config", "core.analytics", "false"],
                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "scratch copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=stage_env())
     return dest
@@ -109,6 +129,125 @@ def _noop_flows(root: Path, targets: list[str] | None) -> tuple[float, float, li
     return times[0], times[1], executed
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def bench_noop(root: Path, repeats: int = 3) -> dict:
+    """No-op reruns of the whole pipeline in `root`, which must be up to date."""
+    sys.path.insert(0, str(ROOT))
+    from flows.serve import OFFLINE_ENV, start_server
+
+    status = subprocess.run([*dvc(), "status"], cwd=root, env=stage_env(), capture_output=True, text=True)
+    if "Data and pipelines are up to date" not in status.stdout:
+        raise SystemExit(f"{root}: not up to date (`dvc status`); run `make pipeline` first:\n{status.stdout[-2000:]}")
+    env = {**stage_env(), **OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("PREFECT_API_URL", None)
+    run = [sys.executable, "-m", "condenser.cli", "run", "--root", str(root)]
+    dvc_s = [timed([*dvc(), "repro"], root)[0] for _ in range(repeats)]
+    ephemeral = [_flow_run(run, root, env) for _ in range(repeats)]
+    with tempfile.TemporaryDirectory(prefix="condenser-bench-server-") as home:
+        server, api_url = start_server("127.0.0.1", _free_port(), {**env, "PREFECT_HOME": home}, root)
+        try:
+            served = [_flow_run(run, root, {**env, "PREFECT_API_URL": api_url}) for _ in range(repeats)]
+        finally:
+            server.stop()
+    return {"noop_dvc_repro_s": dvc_s, "noop_flow_ephemeral_s": [r["wall_s"] for r in ephemeral],
+            "noop_flow_served_s": [r["wall_s"] for r in served],
+            "flow_breakdown_served": served[-1]["timings"], "flow_breakdown_ephemeral": ephemeral[-1]["timings"],
+            "summary": {"noop_dvc_repro_s": round(median(dvc_s), 2),
+                        "noop_flow_ephemeral_s": round(median([r["wall_s"] for r in ephemeral]), 2),
+                        "noop_flow_served_s": round(median([r["wall_s"] for r in served]), 2)}}
+
+
+def _flow_run(cmd: list[str], root: Path, env: dict) -> dict:
+    """Wall seconds of one `condenser run`, and the flow's own breakdown (its printed timings)."""
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"`{' '.join(cmd)}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    found = [line for line in done.stdout.splitlines() if "timings " in line]
+    timings = json.loads(found[-1].split("timings ", 1)[1]) if found else {}
+    executed = [line for line in done.stdout.splitlines() if "Running stage" in line]
+    if executed:
+        raise SystemExit(f"no-op run executed stages: {executed}")
+    return {"wall_s": round(wall, 2), "timings": timings}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_trigger(scratch: Path, commits: int = 3) -> dict:
+    """Commit-to-run latency through `condenser serve` and the post-commit hook, on a tiny project."""
+    import asyncio
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from conftest import tiny_params
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.hooks import install
+
+    params = tiny_params()
+    params["evaluator"]["epochs"] = 1
+    root = scratch_project(scratch / "trigger", params, stages=["prepare", "evaluator"])
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**stage_env(), "PREFECT_HOME": str(scratch / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    serve = subprocess.Popen([sys.executable, "-m", "condenser.cli", "serve", "--root", str(root), "--port",
+                              str(port)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+
+    async def runs() -> list:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            async with get_client() as client:
+                return await client.read_flow_runs(limit=50, sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+    results = []
+    try:
+        started = time.perf_counter()
+        for line in serve.stdout:
+            if "ready; Ctrl-C stops" in line:
+                break
+        else:
+            raise SystemExit("condenser serve exited before it was ready")
+        serve_ready = time.perf_counter() - started
+        install(root, api_url)
+        for epochs in range(2, 2 + commits):
+            text = (root / "params.yaml").read_text()
+            (root / "params.yaml").write_text(text.replace(f"epochs: {epochs - 1}", f"epochs: {epochs}", 1))
+            subprocess.run(["git", "commit", "-qam", f"{epochs} epochs"], cwd=root, check=True)
+            committed = time.time()
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                run = next((r for r in asyncio.run(runs()) if r.parameters.get("sha") == sha), None)
+                if run is not None and run.state.is_final():
+                    break
+                time.sleep(0.5)
+            else:
+                raise SystemExit(f"no finished flow run for {sha} within 600 s")
+            results.append({"sha": sha[:12], "state": run.state_name,
+                            "commit_to_start_s": round(run.start_time.timestamp() - committed, 2),
+                            "commit_to_end_s": round(run.end_time.timestamp() - committed, 2)})
+            print(f"commit {sha[:12]}: run started after {results[-1]['commit_to_start_s']} s, "
+                  f"{run.state_name} after {results[-1]['commit_to_end_s']} s", flush=True)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(60)
+    return {"serve_ready_s": round(serve_ready, 2), "commits": results,
+            "summary": {"commit_to_run_start_s": round(median([r["commit_to_start_s"] for r in results]), 2)}}
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -126,13 +265,44 @@ def print_table(result: dict) -> None:
     Console().print(table)
 
 
+def print_summary(title: str, figures: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value}")
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tests' TINY_PARAMS instead of params.yaml")
     parser.add_argument("--targets", nargs="*", help="stages to run with their upstream (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch project and print its path")
+    parser.add_argument("--noop", action="store_true", help="no-op reruns of this (up-to-date) checkout")
+    parser.add_argument("--trigger", action="store_true", help="commit-to-run latency through condenser serve")
     args = parser.parse_args()
+    if args.noop or args.trigger:
+        # These update their own section of the results file; the cold figures stay.
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        meta = {"cpus": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if args.noop:
+            result["noop"] = {**meta, **bench_noop(ROOT)}
+            print_summary("No-op reruns of this checkout (median s)", result["noop"]["summary"]
+                          | {"flow breakdown (served)": result["noop"]["flow_breakdown_served"]})
+        if args.trigger:
+            with tempfile.TemporaryDirectory(prefix="condenser-bench-") as scratch:
+                result["trigger"] = {**meta, **bench_trigger(Path(scratch))}
+            print_summary("Commit trigger (condenser serve + post-commit hook)", result["trigger"]["summary"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     params = None
     if args.tiny:

@@ -24,15 +24,20 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun stages even when DVC finds them up to date."),
     max_parallel: int = typer.Option(1, "--max-parallel", min=1,
                                      help="Sibling stages run at once (one machine: keep 1)."),
+    wait: bool = typer.Option(False, "--wait", help="If another run of this checkout is going on, queue behind "
+                              "it instead of refusing."),
     root: Path = ROOT_OPTION,
 ) -> None:
     """Run the pipeline as a Prefect flow (the ephemeral server, or PREFECT_API_URL's)."""
-    from flows.pipeline import StageFailed, condenser_pipeline
+    # A first run creates the ephemeral server's database; on a busy 2-core machine that takes longer than
+    # Prefect's default 20 s wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from flows.pipeline import CheckoutMismatch, PipelineBusy, StageFailed, condenser_pipeline
 
     try:
         condenser_pipeline(root=str(root.absolute()), targets=targets or None, force=force,
-                           max_parallel=max_parallel)
-    except (StageFailed, ValueError) as err:
+                           max_parallel=max_parallel, wait=wait)
+    except (StageFailed, PipelineBusy, CheckoutMismatch, ValueError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
 
@@ -88,6 +93,73 @@ def status(root: Path = ROOT_OPTION) -> None:
 
 
 @app.command()
+def serve(
+    root: Path = ROOT_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Where the server listens (127.0.0.1: this machine only)."),
+    port: int = typer.Option(4200, "--port", help="The server's port."),
+    worker: bool = typer.Option(True, "--worker/--no-worker", help="Also start a worker that runs the flow runs."),
+    verbose: bool = typer.Option(False, "--verbose", help="Echo the server's and worker's output."),
+) -> None:
+    """Serve the pipeline: a Prefect server (or PREFECT_API_URL's), the deployment of prefect.yaml (nightly
+    schedule + git.commit trigger) and a worker. Ctrl-C stops what it started."""
+    from flows.serve import ServeError, serve, wait_for_signal
+
+    try:
+        with serve(root, host=host, port=port, worker=worker, echo=typer.echo if verbose else None) as services:
+            typer.echo(f"Prefect UI: {services.ui_url}  (API {services.api_url})")
+            deployment = services.deployment
+            for schedule in deployment.get("schedules", []):
+                typer.echo(f"deployment {deployment['name']}: cron '{schedule['cron']}' {schedule['timezone']}, "
+                           f"next run {schedule['next']}")
+            typer.echo(f"commit trigger: git.commit events for {services.root}; install the hook with "
+                       f"`condenser hooks install --api-url {services.api_url}`")
+            typer.echo("worker: " + ("running on pool condenser" if worker else "not started (--no-worker)"))
+            typer.echo("ready; Ctrl-C stops")
+            wait_for_signal(services)
+            typer.echo("stopping")
+    except ServeError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    typer.echo("stopped")
+
+
+hooks_app = typer.Typer(help="The git post-commit hook that triggers the pipeline's deployment.",
+                        no_args_is_help=True)
+app.add_typer(hooks_app, name="hooks")
+
+
+@hooks_app.command("install")
+def hooks_install(
+    root: Path = ROOT_OPTION,
+    api_url: str = typer.Option(None, "--api-url", help="The Prefect API the hook posts to when the committing "
+                                "shell has no PREFECT_API_URL (default http://127.0.0.1:4200/api)."),
+) -> None:
+    """Write .git/hooks/post-commit: after a commit that changes pipeline inputs, send a git.commit event.
+    It runs in the background and never blocks or fails a commit."""
+    from flows.hooks import HookError, install
+
+    try:
+        hook = install(root, api_url)
+    except HookError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"installed {hook}; its log: .git/condenser-hook.log")
+
+
+@hooks_app.command("uninstall")
+def hooks_uninstall(root: Path = ROOT_OPTION) -> None:
+    """Remove Condenser's lines from .git/hooks/post-commit (other tools' lines stay)."""
+    from flows.hooks import HookError, uninstall
+
+    try:
+        hook = uninstall(root)
+    except HookError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"removed from {hook}" if hook else "no post-commit hook installed")
+
+
+@app.command()
 def report(
     root: Path = ROOT_OPTION,
     screenshot: Path = typer.Option(None, "--screenshot", help="Also render the page in headless Chromium and "
@@ -108,6 +180,33 @@ def report(
 
         open_in_browser(html, screenshot)
         typer.echo(f"screenshot: {screenshot}")
+
+
+@app.command()
+def compare(
+    root: Path = ROOT_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Experiments side by side (`dvc exp run -S key=value`): per deliverable each level's quality, size and
+    latency in the baseline (HEAD) and every experiment on it, the params that differ and each target's gate."""
+    from condenser.experiments import CompareError, tables
+    from condenser.experiments import compare as compare_experiments
+
+    try:
+        found = compare_experiments(root.absolute())
+    except CompareError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console(width=160)
+    for table in tables(found):
+        console.print(table)
+    for s in found["skipped"]:
+        console.print(f"left out: {s['name']} ({s['rev'][:7]}): {s['reason']}")
 
 
 def _describe(changes: list) -> str:

@@ -123,10 +123,10 @@ def trace(path: str | Path, root: Path | None = None) -> Lineage:
         stages.append(record)
         upstream[record.name] = []
         for dep, md5 in record.deps.items():
-            feeder, _ = _producer(records, dep)
-            if feeder is None:
+            feeders = _feeders(records, dep)
+            if not feeders:
                 raw[dep] = md5
-            else:
+            for feeder in feeders:
                 upstream[record.name].append(feeder.name)
                 queue.append(feeder)
 
@@ -134,6 +134,140 @@ def trace(path: str | Path, root: Path | None = None) -> Lineage:
                                                                         Path(rel).relative_to(output))
     return Lineage(path=rel, output=output, md5=md5, stages=stages, raw_inputs=raw,
                    lock_commit=_last_commit(root, LOCK_FILE), upstream=upstream)
+
+
+# Deps that are code: covered by the commit, not drawn as inputs.
+CODE_DIRS = ("condenser", "tasks", "flows")
+
+
+@dataclass
+class LineageGraph:
+    """The whole project as `dvc.lock` records it: stages, which stage's output feeds which stage (`edges`:
+    producer, consumer, the path), the raw inputs no stage made (path: md5, and who reads them) and the
+    deliverables (name: path, the stage that makes it)."""
+
+    stages: dict[str, StageRecord]
+    edges: list[tuple[str, str, str]]
+    raw: dict[str, str]
+    raw_readers: dict[str, list[str]]
+    deliverables: dict[str, tuple[str, str]]
+
+    def layers(self) -> dict[str, int]:
+        """Each stage's depth: 0 for stages fed by no other stage, else one more than its deepest feeder."""
+        feeders: dict[str, set[str]] = {name: set() for name in self.stages}
+        for producer, consumer, _ in self.edges:
+            feeders[consumer].add(producer)
+        depth: dict[str, int] = {}
+
+        def visit(name: str) -> int:
+            if name not in depth:
+                depth[name] = 1 + max((visit(f) for f in feeders[name]), default=-1)
+            return depth[name]
+
+        for name in self.stages:
+            visit(name)
+        return depth
+
+
+def lineage_graph(root: Path, deliverables: dict[str, str] | None = None) -> LineageGraph:
+    """The lineage of every output in `root`'s `dvc.lock`; `deliverables` (name: path) are marked on it."""
+    records = read_lock(root)
+    edges, raw, readers = [], {}, {}
+    for record in records.values():
+        for dep, md5 in record.deps.items():
+            feeders = _feeders(records, dep)
+            edges += [(feeder.name, record.name, dep) for feeder in feeders if feeder.name != record.name]
+            if not feeders and not (dep.endswith(".py") or dep.split("/", 1)[0] in CODE_DIRS):
+                raw[dep] = md5
+                readers.setdefault(dep, []).append(record.name)
+    made = {}
+    for name, path in (deliverables or {}).items():
+        maker, _ = _producer(records, path)
+        if maker is not None:
+            made[name] = (path, maker.name)
+    return LineageGraph(stages=records, edges=edges, raw=raw, raw_readers=readers, deliverables=made)
+
+
+def to_mermaid(graph: LineageGraph) -> str:
+    """A Mermaid flowchart: raw inputs, stages with their outputs' md5s, deliverables; edges name the path."""
+    ids = {name: f"s{i}" for i, name in enumerate(graph.stages)}
+    lines = ["flowchart LR"]
+    for i, (path, md5) in enumerate(graph.raw.items()):
+        lines.append(f'  r{i}[("{path}<br/>{_short(md5)}")]')
+        lines += [f"  r{i} --> {ids[reader]}" for reader in graph.raw_readers[path]]
+    for name, record in graph.stages.items():
+        outs = "<br/>".join(f"{out} {_short(md5)}" for out, md5 in record.outs.items()
+                            if not out.startswith(("metrics/", "plots/")))
+        lines.append(f'  {ids[name]}["<b>{name}</b><br/>{outs}"]')
+    for producer, consumer, path in graph.edges:
+        lines.append(f"  {ids[producer]} -->|{path}| {ids[consumer]}")
+    for i, (name, (path, maker)) in enumerate(graph.deliverables.items()):
+        lines.append(f'  d{i}[/"deliverable <b>{name}</b><br/>{path}"/]')
+        lines.append(f"  {ids[maker]} --> d{i}")
+    return "\n".join(lines)
+
+
+def draw(graph: LineageGraph, highlight: set[str] = frozenset()) -> bytes:
+    """The graph as a PNG, stages in columns by depth (raw inputs left, deliverables' compression right);
+    `highlight` (stages that ran in this run) drawn filled."""
+    import io
+
+    import matplotlib
+    import networkx as nx
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = graph.layers()
+    columns: dict[int, list[str]] = {}
+    for name in graph.stages:
+        columns.setdefault(depth[name], []).append(name)
+    # Raw inputs get the column before the first stage.
+    if graph.raw:
+        columns = {k + 1: v for k, v in columns.items()} | {0: [f"raw:{p}" for p in graph.raw]}
+        depth = {k: v + 1 for k, v in depth.items()}
+    height = max(len(v) for v in columns.values())
+    position = {}
+    for col, names in columns.items():
+        for row, name in enumerate(names):
+            position[name] = (col * 3.2, (height - 1) / 2 - row + (len(names) - 1) / 2 - (height - 1) / 2)
+    fig, ax = plt.subplots(figsize=(max(8, 2.4 * len(columns)), max(4, 0.9 * height)))
+    dag = nx.DiGraph([(p, c) for p, c, _ in graph.edges]
+                     + [(f"raw:{p}", r) for p, rs in graph.raw_readers.items() for r in rs])
+    # Only the edges no longer path implies: the evaluator feeds most stages, and drawn directly it would
+    # hide the chain. The Mermaid text keeps every edge.
+    for producer, consumer in nx.transitive_reduction(dag).edges:
+        (x0, y0), (x1, y1) = position[producer], position[consumer]
+        ax.annotate("", xy=(x1 - 1.05, y1), xytext=(x0 + 1.05, y0),
+                    arrowprops=dict(arrowstyle="->", color="#7a7a7a", lw=0.8, shrinkA=0, shrinkB=0,
+                                    connectionstyle="arc3,rad=0.0"))
+    for name, (x, y) in position.items():
+        if name.startswith("raw:"):
+            label, face = f"{name[4:]}\n{_short(graph.raw[name[4:]])}", "#fff4d6"
+        else:
+            outs = [f"{_short(md5)}" for out, md5 in graph.stages[name].outs.items()
+                    if not out.startswith(("metrics/", "plots/"))]
+            made = [d for d, (_, maker) in graph.deliverables.items() if maker == name]
+            label = name + (f"\n{outs[0]}" if outs else "") + (f"\n\u2192 {', '.join(made)}" if made else "")
+            face = "#cfe3ff" if name in highlight else "#f2f2f2"
+        ax.text(x, y, label, ha="center", va="center", fontsize=7, family="monospace",
+                bbox=dict(boxstyle="round,pad=0.35", fc=face, ec="#4a6fa5" if name in highlight else "#9a9a9a"))
+    xs = [x for x, _ in position.values()]
+    ys = [y for _, y in position.values()]
+    ax.set_xlim(min(xs) - 1.6, max(xs) + 1.6)
+    ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
+    ax.axis("off")
+    ax.set_title("Lineage from dvc.lock (filled: ran in this run; md5 of each output; \u2192 deliverables; "
+                 "edges a longer path implies left out)",
+                 fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _short(md5: str) -> str:
+    return md5.removesuffix(".dir")[:8] + ("/" if md5.endswith(".dir") else "")
 
 
 def render(lineage: Lineage) -> str:
@@ -198,6 +332,16 @@ def _producer(records: dict[str, StageRecord], rel: str) -> tuple[StageRecord | 
             if rel == out or rel.startswith(out.rstrip("/") + "/"):
                 return record, out
     return None, None
+
+
+def _feeders(records: dict[str, StageRecord], dep: str) -> list[StageRecord]:
+    """The stages whose outputs a dep reads: the one whose out holds it, or every one whose out lies inside it
+    (a dep on `data/lora` reads each `lora@<concept>`'s folder)."""
+    record, _ = _producer(records, dep)
+    if record is not None:
+        return [record]
+    inside = dep.rstrip("/") + "/"
+    return [r for r in records.values() if any(out.startswith(inside) for out in r.outs)]
 
 
 def _run_revision(root: Path, outs: dict[str, str]) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRu
 from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -243,3 +244,82 @@ def test_executions_ask_dvc_not_the_log(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"up": {"v": 2, "note": "b"}}))
     run_flow_by_hand({"up": True, "down": False})
     assert Executions(tmp_path, specs, force=True).will_execute(down)
+
+
+FLAKY = """
+import os, pathlib, signal
+# First attempt: killed by a signal, as the OOM killer would. Second: succeeds.
+mark = pathlib.Path("attempts.txt")
+mark.write_text(mark.read_text() + "x" if mark.exists() else "x")
+if len(mark.read_text()) == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+pathlib.Path("flaky.txt").write_text("ok")
+"""
+
+
+def test_flow_retries_only_what_a_retry_helps_and_runs_one_at_a_time(tmp_path, monkeypatch):
+    """A stage killed by a signal is retried and succeeds; one failing on its input (exit 2) is not retried and
+    its error is in the run's log. Two runs of one checkout at once: the second refuses with a clear message, or
+    with --wait queues behind the first and finds everything up to date; dvc.lock stays consistent."""
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    dvc_file = {"stages": {
+        "flaky": {"cmd": "python flaky.py", "outs": ["flaky.txt"]},
+        "bad": {"cmd": "python -c \"import sys; print('bad failed: params.yaml: bad.x: not a number'); "
+                       "sys.exit(2)\"", "deps": ["flaky.txt"], "outs": ["bad.txt"]},
+        "slow": {"cmd": "python -c \"import time; time.sleep(8); open('slow.txt', 'w').write('done')\"",
+                 "outs": ["slow.txt"]}}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_file))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": {"retries": {"default": 2},
+                                                                   "retry_delay_s": 0.5}}))
+    for cmd in (["git", "init", "-q"], [*dvc(), "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=stage_env())
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), \
+            prefect_test_harness(server_startup_timeout=180):
+        state, run_id = run_flow(tmp_path, ["bad"])
+        assert state.is_failed()
+        runs = asyncio.run(task_runs(run_id))
+        assert (runs["flaky"].state.name, runs["flaky"].run_count) == ("Completed", 2)
+        assert (runs["bad"].state.name, runs["bad"].run_count) == ("Failed", 1)
+        assert (tmp_path / "attempts.txt").read_text() == "xx"
+        logs = asyncio.run(error_logs(run_id))
+        assert any("stage bad failed" in line and "bad.x: not a number" in line for line in logs), logs
+
+        env = {**stage_env(), "PREFECT_API_URL": PREFECT_API_URL.value()}
+        cmd = [sys.executable, "-m", "condenser.cli", "run", "slow", "--root", str(tmp_path)]
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        lock = tmp_path / ".dvc" / "tmp" / "condenser-pipeline.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().startswith("pid")):
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()[0][-2000:]
+            time.sleep(0.2)
+        refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        waited = subprocess.Popen([*cmd, "--wait"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        assert first.wait(timeout=180) == 0, first.communicate()[0][-2000:]
+        out, _ = waited.communicate(timeout=180)
+        assert waited.returncode == 0, out[-2000:]
+        assert refused.returncode == 1
+        assert "another pipeline run holds" in refused.stderr and "--wait" in refused.stderr, refused.stderr[-2000:]
+        assert "waiting for the pipeline lock" in out and "skipped" in out
+        assert "Data and pipelines are up to date" in dvc_status(tmp_path, "slow")
+        assert (tmp_path / "slow.txt").read_text() == "done"
+
+
+async def task_runs(flow_run_id) -> dict:
+    async with get_client() as client:
+        runs = await client.read_task_runs(limit=50, sort=TaskRunSort.NAME_ASC, **flow_run_filter(flow_run_id))
+    return {r.name.rsplit("-", 1)[0]: r for r in runs}
+
+
+async def error_logs(flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+    from prefect.client.schemas.sorting import LogSort
+
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                                                level=LogFilterLevel(ge_=40)),
+                                      limit=50, offset=0, sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs]
