@@ -136,7 +136,7 @@ def median(values: list[float]) -> float:
 def bench_noop(root: Path, repeats: int = 3) -> dict:
     """No-op reruns of the whole pipeline in `root`, which must be up to date."""
     sys.path.insert(0, str(ROOT))
-    from flows.serve import OFFLINE_ENV, start_server
+    from flows.serve import OFFLINE_ENV, free_port, start_server
 
     status = subprocess.run([*dvc(), "status"], cwd=root, env=stage_env(), capture_output=True, text=True)
     if "Data and pipelines are up to date" not in status.stdout:
@@ -147,7 +147,7 @@ def bench_noop(root: Path, repeats: int = 3) -> dict:
     dvc_s = [timed([*dvc(), "repro"], root)[0] for _ in range(repeats)]
     ephemeral = [_flow_run(run, root, env) for _ in range(repeats)]
     with tempfile.TemporaryDirectory(prefix="condenser-bench-server-") as home:
-        server, api_url = start_server("127.0.0.1", _free_port(), {**env, "PREFECT_HOME": home}, root)
+        server, api_url = start_server("127.0.0.1", free_port(), {**env, "PREFECT_HOME": home}, root)
         try:
             served = [_flow_run(run, root, {**env, "PREFECT_API_URL": api_url}) for _ in range(repeats)]
         finally:
@@ -175,14 +175,6 @@ def _flow_run(cmd: list[str], root: Path, env: dict) -> dict:
     return {"wall_s": round(wall, 2), "timings": timings}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_trigger(scratch: Path, commits: int = 3) -> dict:
     """Commit-to-run latency through `condenser serve` and the post-commit hook, on a tiny project."""
     import asyncio
@@ -194,11 +186,12 @@ def bench_trigger(scratch: Path, commits: int = 3) -> dict:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.hooks import install
+    from flows.serve import free_port
 
     params = tiny_params()
     params["evaluator"]["epochs"] = 1
     root = scratch_project(scratch / "trigger", params, stages=["prepare", "evaluator"])
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**stage_env(), "PREFECT_HOME": str(scratch / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)

@@ -53,6 +53,15 @@ def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def prefect_cli() -> list[str]:
     return [sys.executable, "-m", "prefect"]
 

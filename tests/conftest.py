@@ -6,8 +6,13 @@ import copy
 import os
 from pathlib import Path
 
+import dvc  # noqa: F401 -- see below
 import pytest
 import yaml
+
+# DVC attaches its log handlers to sys.stdout/stderr when first imported. Imported here, they hold pytest's
+# streams for the whole session; imported first inside a CliRunner call (`condenser status`, `compare`), they
+# would hold that call's buffer, closed afterwards, and any later DVC log line would raise.
 
 ROOT = Path(__file__).resolve().parents[1]
 

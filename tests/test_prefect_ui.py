@@ -9,7 +9,6 @@ stage's `dvc repro` lines in the Logs tab; an unknown flow run id is named as su
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,16 +22,11 @@ from condenser.core.environment import git_revision
 from condenser.lineage import read_lock
 from condenser.report.browser import WIDTH, BrowserMissing, require_chromium
 from flows.pipeline import condenser_pipeline
-from flows.serve import OFFLINE_ENV, start_server
+from flows.serve import OFFLINE_ENV, free_port, start_server
 from flows.ui import RUN_ARTIFACTS, UiError, inspect_flow_run
 
 LOGS = ("Running stage 'prepare'", "> python -m tasks.prepare", "> python -m tasks.evaluator", "evaluator done:")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_flow_run_lineage_report_and_logs_show_in_the_ui(tmp_path):

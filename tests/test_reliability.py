@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from conftest import ROOT, tiny_params
 from bench.pipeline import dvc, scratch_project, stage_env
 from condenser.core.io import md5_path
 from condenser.lineage import read_lock
+from flows.serve import free_port
 
 STAGES = ["prepare", "evaluator"]
 # Seconds of training on 2 cores: long enough to kill the stage mid-training, short enough to run it twice.
@@ -154,9 +154,7 @@ def net_log(tmp_path: Path) -> tuple[list[str], list[str]]:
 
 def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     """`prefect server start` on a free loopback port (its own session); returns it once /api/health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--no-services", "--no-ui"]
     with log.open("w") as out:

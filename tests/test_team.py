@@ -26,14 +26,10 @@ from conftest import tiny_params
 
 from bench.pipeline import scratch_project, stage_env
 from flows.hooks import commit_event, emit, install, pipeline_inputs
+from flows.serve import free_port
 
 STAGES = ["prepare", "evaluator"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_project(path: Path) -> Path:
