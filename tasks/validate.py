@@ -87,11 +87,15 @@ def run(params: Params, paths: StagePaths, name: str) -> dict:
             for n in results:
                 if (scratch / n).is_dir():
                     shutil.copytree(scratch / n, tmp / n)
-    # The files exported here live in the stage's output now.
+    # Paths relative to the project (the files exported here live in the stage's output now): the metrics of
+    # two checkouts of the same commit are the same file.
+    root = paths.root.absolute()
     for r in results.values():
         for row in r["levels"].values():
             if row.get("file", "").startswith(str(scratch)):
                 row["file"] = str(Path("data/validate") / name / Path(row["file"]).relative_to(scratch))
+            elif row.get("file") and Path(row["file"]).is_relative_to(root):
+                row["file"] = str(Path(row["file"]).relative_to(root))
     rows = [row for r in results.values() for row in r["levels"].values()]
     summary = {"checked": sum(row["status"] != "skipped" for row in rows),
                "passed": sum(row["status"] == "pass" for row in rows),
