@@ -167,9 +167,11 @@ def _flow_run(cmd: list[str], root: Path, env: dict) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    found = [line for line in done.stdout.splitlines() if "timings " in line]
+    # Prefect's console log (the flow's printed timings among it) goes to stderr.
+    lines = (done.stdout + done.stderr).splitlines()
+    found = [line for line in lines if "timings {" in line]
     timings = json.loads(found[-1].split("timings ", 1)[1]) if found else {}
-    executed = [line for line in done.stdout.splitlines() if "Running stage" in line]
+    executed = [line for line in lines if "Running stage" in line]
     if executed:
         raise SystemExit(f"no-op run executed stages: {executed}")
     return {"wall_s": round(wall, 2), "timings": timings}

@@ -144,7 +144,9 @@ def plan(root: Path, targets: list[str] | None = None, status: bool = True) -> t
                                 and _inside_any(d.def_path, produced)),
             ))
         try:
-            stale = set(repo.status(targets=order)) if status and order else set()
+            # The whole project's status, then the selection: DVC answers for every stage at once in a
+            # fraction of the time it takes stage by stage (1.7 s against 7.6 s for this project's 31).
+            stale = set(repo.status()) & set(order) if status and order else set()
         except LockError as err:
             # Another DVC process (a `dvc repro` beside this run, or one killed and not yet reaped by its
             # parent) holds an output: DVC's message names it.
@@ -433,9 +435,11 @@ def make_stage_task(root: Path, spec: StageSpec, force: bool, slots: threading.B
                 add_asset_metadata(asset, {"md5": report["outputs"][asset.properties.name],
                                            "params": report["params"], "metrics": report["metrics"],
                                            "git_revision": report["git_revision"], "stage": spec.name})
-        publish_artifacts(root, spec, report)
         if executed:
+            publish_artifacts(root, spec, report)
             return report
+        # An up-to-date stage publishes nothing of its own: the run's pipeline-lineage and pipeline-report
+        # hold its outputs, md5s and params (and a no-op run of 31 stages saves 60-odd API calls).
         logger.info(f"Stage '{spec.name}' is up to date (DVC): not rerun")
         # Prefect emits no asset event for a Cached task: an up-to-date stage materialized nothing.
         return Completed(name="Cached", message="DVC: stage up to date, not rerun", data=report)
