@@ -13,6 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -257,18 +258,28 @@ pathlib.Path("flaky.txt").write_text("ok")
 """
 
 
+SLOW = """
+import os, pathlib, time
+# Holds the pipeline lock until the test has seen the other runs meet it (at most 300 s).
+started = time.time()
+while not os.path.exists("release") and time.time() - started < 300:
+    time.sleep(0.1)
+pathlib.Path("slow.txt").write_text("done")
+"""
+
+
 def test_flow_retries_only_what_a_retry_helps_and_runs_one_at_a_time(tmp_path, monkeypatch):
     """A stage killed by a signal is retried and succeeds; one failing on its input (exit 2) is not retried and
     its error is in the run's log. Two runs of one checkout at once: the second refuses with a clear message, or
     with --wait queues behind the first and finds everything up to date; dvc.lock stays consistent."""
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     (tmp_path / "flaky.py").write_text(FLAKY)
+    (tmp_path / "slow.py").write_text(SLOW)
     dvc_file = {"stages": {
         "flaky": {"cmd": "python flaky.py", "outs": ["flaky.txt"]},
         "bad": {"cmd": "python -c \"import sys; print('bad failed: params.yaml: bad.x: not a number'); "
                        "sys.exit(2)\"", "deps": ["flaky.txt"], "outs": ["bad.txt"]},
-        "slow": {"cmd": "python -c \"import time; time.sleep(8); open('slow.txt', 'w').write('done')\"",
-                 "outs": ["slow.txt"]}}}
+        "slow": {"cmd": "python slow.py", "outs": ["slow.txt"]}}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_file))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": {"retries": {"default": 2},
                                                                    "retry_delay_s": 0.5}}))
@@ -298,9 +309,16 @@ def test_flow_retries_only_what_a_retry_helps_and_runs_one_at_a_time(tmp_path, m
         refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         waited = subprocess.Popen([*cmd, "--wait"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(waited.stdout), daemon=True).start()
+        while not any("waiting for the pipeline lock" in line for line in lines):
+            assert time.monotonic() < deadline + 240 and waited.poll() is None, "".join(lines)[-2000:]
+            time.sleep(0.2)
+        (tmp_path / "release").touch()
         assert first.wait(timeout=180) == 0, first.communicate()[0][-2000:]
-        out, _ = waited.communicate(timeout=180)
-        assert waited.returncode == 0, out[-2000:]
+        assert waited.wait(timeout=180) == 0, "".join(lines)[-2000:]
+        time.sleep(0.5)
+        out = "".join(lines)
         assert refused.returncode == 1
         assert "another pipeline run holds" in refused.stderr and "--wait" in refused.stderr, refused.stderr[-2000:]
         assert "waiting for the pipeline lock" in out and "skipped" in out

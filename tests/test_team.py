@@ -203,6 +203,9 @@ def test_serve_schedules_and_a_commit_triggers_a_run_of_that_commit(tmp_path):
         assert artifacts["pipeline-lineage-graph"].startswith("data:image/png;base64,")
         assert "| evaluator | executed |" in artifacts["pipeline-report"]
         assert any("Running stage 'evaluator'" in line for line in logs)
+        # What a user sees of it in the Prefect UI, in a real browser (flows/ui.py): the run's artifacts, the
+        # lineage's md5s as dvc.lock holds them, the graph drawn, each stage's lines under its task run.
+        browser = ui_check(api_url.removesuffix("/api"), run.id, root, tmp_path / "shots")
 
         # 4. An event for a commit the checkout is not at: the run refuses, and says why.
         event = commit_event(root)
@@ -221,3 +224,53 @@ def test_serve_schedules_and_a_commit_triggers_a_run_of_that_commit(tmp_path):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         serve.kill()
+    if browser is not None:
+        pytest.skip(f"everything but the browser check passed: {browser}")
+
+
+UI_LOGS = ("Running stage 'prepare'", "> python -m tasks.prepare", "> python -m tasks.evaluator", "evaluator done:")
+
+
+def ui_check(ui_url: str, flow_run_id, root: Path, shots: Path) -> str | None:
+    """The flow run seen in headless Chromium; None when checked, else why it could not be (no Chromium)."""
+    import struct
+
+    from condenser.lineage import read_lock
+    from condenser.report.browser import WIDTH, BrowserMissing, require_chromium
+    from flows.ui import RUN_ARTIFACTS, UiError, inspect_flow_run
+
+    try:
+        require_chromium()
+    except BrowserMissing as err:
+        return str(err)
+    with pytest.raises(UiError, match="no flow run"):
+        inspect_flow_run(ui_url, "00000000-0000-4000-8000-000000000000", shots / "unknown", timeout_s=30)
+    found = inspect_flow_run(ui_url, str(flow_run_id), shots, logs=UI_LOGS)
+    assert found["state"] == "Completed" and found["name"]
+    assert {k: found["artifacts"][k]["type"] for k in RUN_ARTIFACTS} == {
+        "pipeline-lineage": "markdown", "pipeline-report": "markdown", "pipeline-lineage-graph": "image"}
+    for stage in ("prepare", "evaluator"):
+        for kind in ("lineage", "metrics"):
+            assert found["artifacts"][f"{stage}-{kind}"]["type"] == "table", (stage, kind, found["artifacts"])
+    # The lineage page: every output in dvc.lock with its md5, row by row; the report: a row per stage, executed.
+    records = read_lock(root)
+    lineage = [row for table in found["pages"]["pipeline-lineage"]["tables"] for row in table]
+    for stage, record in records.items():
+        for out, md5 in record.outs.items():
+            assert any(row[:3] == [stage, out, md5] for row in lineage), (stage, out, md5, lineage)
+    assert "flowchart LR" in found["pages"]["pipeline-lineage"]["text"]
+    report = {row[0]: row for table in found["pages"]["pipeline-report"]["tables"] for row in table}
+    for stage, record in records.items():
+        assert report[stage][1] == "executed"
+        assert record.outs[f"data/{stage}"][:12] in report[stage][2]
+    # The graph, a data: URL PNG, decoded by the browser to a picture.
+    [image] = found["pages"]["pipeline-lineage-graph"]["images"]
+    assert image["scheme"] == "data" and image["rendered"] and image["width"] > 100
+    for text in UI_LOGS:
+        stage = "evaluator" if "evaluator" in text else "prepare"
+        assert found["logs"][text]["task_run"].startswith(f"{stage}-"), found["logs"][text]
+        assert found["logs"][text]["level"] == "INFO"
+    for view, path in found["screenshots"].items():
+        head = path.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] == WIDTH, view
+    return None
