@@ -24,6 +24,7 @@ from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRu
 from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
@@ -290,12 +291,20 @@ def test_flow_retries_only_what_a_retry_helps_and_runs_one_at_a_time(tmp_path, m
             prefect_test_harness(server_startup_timeout=180):
         state, run_id = run_flow(tmp_path, ["bad"])
         assert state.is_failed()
-        runs = asyncio.run(task_runs(run_id))
-        assert (runs["flaky"].state.name, runs["flaky"].run_count) == ("Completed", 2)
-        assert (runs["bad"].state.name, runs["bad"].run_count) == ("Failed", 1)
         assert (tmp_path / "attempts.txt").read_text() == "xx"
-        logs = asyncio.run(error_logs(run_id))
-        assert any("stage bad failed" in line and "bad.x: not a number" in line for line in logs), logs
+        # Task-run states and log lines reach the server in batches: read until they have all arrived.
+        APILogHandler().flush()
+        EventsWorker.drain_all()
+        deadline = time.monotonic() + 60
+        while True:
+            runs = asyncio.run(task_runs(run_id))
+            logs = asyncio.run(error_logs(run_id))
+            seen = ({k: (r.state.name, r.run_count) for k, r in runs.items()},
+                    any("stage bad failed" in line and "bad.x: not a number" in line for line in logs))
+            if seen == ({"flaky": ("Completed", 2), "bad": ("Failed", 1)}, True) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert seen == ({"flaky": ("Completed", 2), "bad": ("Failed", 1)}, True), (seen, logs)
 
         env = {**stage_env(), "PREFECT_API_URL": PREFECT_API_URL.value()}
         cmd = [sys.executable, "-m", "condenser.cli", "run", "slow", "--root", str(tmp_path)]
