@@ -129,13 +129,15 @@ class Services:
         self.started.clear()
 
 
-def start_server(host: str, port: int, env: dict, root: Path, echo=None) -> tuple[Process, str]:
-    """`prefect server start` on host:port; waits until its API answers, or fails with its output."""
+def start_server(host: str, port: int, env: dict, root: Path, echo=None,
+                 options: tuple[str, ...] = ()) -> tuple[Process, str]:
+    """`prefect server start` on host:port (plus `options`, e.g. `--no-services --no-ui` for a server that only
+    records runs); waits until its API answers, or fails with its output."""
     api_url = f"http://{host}:{port}/api"
     if healthy(api_url):
         raise ServeError(f"something already answers at {api_url}; to register with it set "
                          f"PREFECT_API_URL={api_url}, or pick another --port")
-    proc = Process.start("server", [*prefect_cli(), "server", "start", "--host", host, "--port", str(port)],
+    proc = Process.start("server", [*prefect_cli(), "server", "start", "--host", host, "--port", str(port), *options],
                          {**env, "PREFECT_UI_API_URL": api_url}, root, echo)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not healthy(api_url):

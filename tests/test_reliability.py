@@ -7,7 +7,7 @@ Prefect server on 127.0.0.1 that the test starts (one server start instead of on
   start, DVC's detached daemon included, which swaps PYTHONPATH for its own) starts with a `sitecustomize` that
   refuses connections beyond loopback and name lookups other than localhost, and logs each start and refusal.
   HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE and GX_ANALYTICS_ENABLED are unset for the runs: the code is offline by
-  itself. DVC's own analytics are off through the project's committed `.dvc/config`, which the test copies.
+  itself. DVC's own analytics are off as in the project's committed `.dvc/config` (scratch_project sets it).
 - SIGKILL of the whole run (flow, `dvc repro`, stage) while the evaluator trains: DVC removed the stage's
   outputs before running it, so they are absent, never half written; dvc.lock still records the last complete
   run; a stale `data/.evaluator.tmp-<pid>` sibling (what a kill during the stage's final rename leaves) is
@@ -23,22 +23,20 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-from conftest import ROOT, tiny_params
+from conftest import tiny_params
 
 from bench.pipeline import dvc, scratch_project, stage_env
 from condenser.core.io import md5_path
 from condenser.lineage import read_lock
-from flows.serve import free_port
+from flows.serve import free_port, start_server
 
 STAGES = ["prepare", "evaluator"]
 # Seconds of training on 2 cores: long enough to kill the stage mid-training, short enough to run it twice.
@@ -152,26 +150,6 @@ def net_log(tmp_path: Path) -> tuple[list[str], list[str]]:
     return starts, [line for line in lines if " refused " in line]
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on a free loopback port (its own session); returns it once /api/health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-           "--no-services", "--no-ui"]
-    with log.open("w") as out:
-        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    api_url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return server, api_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    os.killpg(server.pid, signal.SIGKILL)
-    raise AssertionError(f"prefect server not ready:\n{log.read_text()[-3000:]}")
-
-
 def run_cmd(root: Path) -> list[str]:
     return [sys.executable, "-m", "condenser.cli", "run", "evaluator", "--root", str(root)]
 
@@ -250,10 +228,10 @@ def test_offline_run_and_a_sigkill_mid_stage_leave_nothing_partial(tmp_path):
     params = tiny_params()
     params["evaluator"]["epochs"] = EPOCHS
     root = scratch_project(tmp_path / "project", params, stages=STAGES)
-    # The project's committed DVC config (analytics off), as a clone has it.
-    shutil.copy2(ROOT / ".dvc" / "config", root / ".dvc" / "config")
     env = guarded_env(tmp_path)
-    server, env["PREFECT_API_URL"] = start_server(env, tmp_path / "server.log")
+    # A server that only records runs: no UI, no background services (the runs need neither).
+    server, env["PREFECT_API_URL"] = start_server("127.0.0.1", free_port(), env, root,
+                                                  options=("--no-services", "--no-ui"))
     try:
         # The guard refuses what leaves the machine, in any process that has it, and logs the refusal.
         connect = "import socket; socket.create_connection(('10.255.255.1', 80), 5)"
@@ -330,9 +308,4 @@ def test_offline_run_and_a_sigkill_mid_stage_leave_nothing_partial(tmp_path):
         refused = net_log(tmp_path)[1]
         assert len(refused) == 1, "\n".join(refused)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        server.stop()

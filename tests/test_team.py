@@ -25,7 +25,7 @@ import yaml
 from conftest import tiny_params
 
 from bench.pipeline import scratch_project, stage_env
-from flows.hooks import commit_event, emit, install, pipeline_inputs
+from flows.hooks import commit_event, emit, git, install, pipeline_inputs
 from flows.serve import free_port
 
 STAGES = ["prepare", "evaluator"]
@@ -40,10 +40,6 @@ def tiny_project(path: Path) -> Path:
     git(root, "add", "README.md")
     git(root, "commit", "-q", "-m", "readme")
     return root
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def commit(root: Path, message: str) -> tuple[str, float]:
